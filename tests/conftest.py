@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. This must be set
+# before any kernel is decorated, i.e. before moe_align's Triton modules are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force a backend for the duration of a test: ``backend("torch")``."""
+
+    def force(name: str) -> None:
+        monkeypatch.setenv("MOE_ALIGN_BACKEND", name)
+
+    return force
