@@ -25,7 +25,7 @@ def gate_oracle(logits, top_k, n_group=1, topk_group=None, scoring_func="softmax
             scores = [x / total for x in exps]
         else:
             scores = [1.0 / (1.0 + torch.exp(-row[e])) for e in range(num_experts)]
-        choice = [float(s) + (float(bias[e]) if bias is not None else 0.0) for e, s in enumerate(scores)]
+        choice = [float(s.detach()) + (float(bias[e]) if bias is not None else 0.0) for e, s in enumerate(scores)]
         if n_group > 1:
             group_vals = []
             for g in range(n_group):
