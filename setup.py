@@ -76,7 +76,13 @@ class cmake_build_ext(build_ext):
         ]
         env = dict(os.environ)
         if with_cuda:
-            cmake_args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={cmake_archs}"]
+            cmake_args += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                f"-DCMAKE_CUDA_ARCHITECTURES={cmake_archs}",
+                # torch's CMake would otherwise infer the toolkit from a wrapper such as
+                # /usr/local/bin/nvcc and look for CUDA under /usr/local.
+                f"-DCUDA_TOOLKIT_ROOT_DIR={Path(nvcc).resolve().parent.parent}",
+            ]
             env["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's own CMake files too
         if shutil.which("ninja"):
             cmake_args.append("-GNinja")

@@ -1,50 +1,126 @@
-// C++ CPU kernel of moe_align_block_size: a counting sort by expert, stable in the flat
-// (token, k) index, so the layout is deterministic. See moe_align/ops/moe_align_block_size.py.
+// moe_align_block_size on the CPU: a stable counting sort of routed (token, k) pairs by expert.
+//
+// The ids are cut into chunks (one per thread for large inputs). Pass 1 counts each chunk's ids
+// per expert; a scan over (expert, chunk) gives every chunk its first slot in each expert's run;
+// pass 2 scatters each chunk in order. Within an expert, slots therefore follow the flat index
+// whatever the number of chunks: the result does not depend on the thread count.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <vector>
 
 #include "ops.h"
 
 namespace moe_align {
+namespace {
+
+// Below this many pairs per chunk, threads cost more than they save.
+constexpr int64_t kMinChunkElems = 1 << 16;
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
     const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
-  TORCH_CHECK(topk_ids.device().is_cpu(), "topk_ids must be a CPU tensor");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt, "topk_ids must be int32");
-  TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.is_contiguous(), "topk_ids must be contiguous [T, K]");
-  TORCH_CHECK(num_experts > 0 && block_size > 0, "num_experts and block_size must be positive");
-
+  TORCH_CHECK(topk_ids.device().is_cpu(), "moe_align_block_size: topk_ids must be a CPU tensor");
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt,
+              "moe_align_block_size: topk_ids must be int32, got ", topk_ids.scalar_type());
+  TORCH_CHECK(topk_ids.dim() == 2, "moe_align_block_size: topk_ids must be 2-D, got ",
+              topk_ids.dim(), " dims");
+  TORCH_CHECK(topk_ids.is_contiguous(), "moe_align_block_size: topk_ids must be contiguous");
+  TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
+              "moe_align_block_size: num_experts must be in [1, 2**31), got ", num_experts);
+  TORCH_CHECK(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
+              "moe_align_block_size: block_size must be in [1, 2**31), got ", block_size);
   const int64_t numel = topk_ids.numel();
+  TORCH_CHECK(numel < std::numeric_limits<int32_t>::max(),
+              "moe_align_block_size: too many routed pairs (", numel, ")");
   const int64_t max_padded = numel + std::min(num_experts, numel) * (block_size - 1);
+  TORCH_CHECK(max_padded < std::numeric_limits<int32_t>::max(),
+              "moe_align_block_size: the layout needs ", max_padded,
+              " slots; int32 ids hold < 2**31");
   const int64_t num_blocks = (max_padded + block_size - 1) / block_size;
-  auto opts = topk_ids.options();
-  at::Tensor sorted_ids = at::full({max_padded}, static_cast<int32_t>(numel), opts);
-  at::Tensor expert_ids = at::full({num_blocks}, -1, opts);
-  at::Tensor total = at::empty({1}, opts);
+
+  const auto options = topk_ids.options();
+  at::Tensor sorted_token_ids = at::empty({max_padded}, options);
+  at::Tensor expert_ids = at::empty({num_blocks}, options);
+  at::Tensor num_tokens_post_padded = at::empty({1}, options);
 
   const int32_t* ids = topk_ids.data_ptr<int32_t>();
-  std::vector<int64_t> cursor(num_experts + 1, 0);
-  for (int64_t i = 0; i < numel; ++i) {
-    TORCH_CHECK(ids[i] >= 0 && ids[i] < num_experts, "topk_ids[", i, "] = ", ids[i], " is out of range");
-    ++cursor[ids[i] + 1];
-  }
-  // cursor[e] = first slot of expert e, each expert's run rounded up to a whole block.
+  int32_t* sorted = sorted_token_ids.data_ptr<int32_t>();
   int32_t* block_expert = expert_ids.data_ptr<int32_t>();
-  int64_t slot = 0;
-  for (int64_t e = 0; e < num_experts; ++e) {
-    const int64_t count = cursor[e + 1];
-    cursor[e] = slot;
-    const int64_t padded = (count + block_size - 1) / block_size * block_size;
-    std::fill(block_expert + slot / block_size, block_expert + (slot + padded) / block_size,
-              static_cast<int32_t>(e));
-    slot += padded;
+  const int32_t num_e = static_cast<int32_t>(num_experts);
+  const int32_t block = static_cast<int32_t>(block_size);
+  const int32_t sentinel = static_cast<int32_t>(numel);
+
+  const int64_t num_chunks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), numel / kMinChunkElems));
+  const int64_t chunk_elems = (numel + num_chunks - 1) / num_chunks;
+  auto chunk_begin = [&](int64_t c) { return std::min(numel, c * chunk_elems); };
+
+  // Pass 1: next[c * E + e] = ids of expert e in chunk c.
+  std::vector<int32_t> next(static_cast<size_t>(num_chunks * num_experts), 0);
+  std::atomic<bool> out_of_range{false};
+  auto count_chunks = [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int32_t* hist = next.data() + c * num_experts;
+      const int64_t end = chunk_begin(c + 1);
+      for (int64_t i = chunk_begin(c); i < end; ++i) {
+        const int32_t e = ids[i];
+        if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(num_e)) {
+          out_of_range = true;
+          return;
+        }
+        ++hist[e];
+      }
+    }
+  };
+  if (num_chunks == 1) {
+    count_chunks(0, 1);
+  } else {
+    at::parallel_for(0, num_chunks, 1, count_chunks);
   }
-  int32_t* out = sorted_ids.data_ptr<int32_t>();
-  for (int64_t i = 0; i < numel; ++i) out[cursor[ids[i]]++] = static_cast<int32_t>(i);
-  total.data_ptr<int32_t>()[0] = static_cast<int32_t>(slot);
-  return {sorted_ids, expert_ids, total};
+  TORCH_CHECK(!out_of_range, "moe_align_block_size: topk_ids holds an expert id outside [0, ",
+              num_experts, ")");
+
+  // Expert e owns slots [slot, slot + padded count); next[c * E + e] becomes the first slot
+  // of chunk c's ids of expert e. Blocks of the expert and its padding are written here.
+  int32_t slot = 0;
+  for (int32_t e = 0; e < num_e; ++e) {
+    const int32_t first = slot;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int32_t count = next[c * num_experts + e];
+      next[c * num_experts + e] = slot;
+      slot += count;
+    }
+    const int32_t last = first + (slot - first + block - 1) / block * block;
+    std::fill(sorted + slot, sorted + last, sentinel);
+    std::fill(block_expert + first / block, block_expert + last / block, e);
+    slot = last;
+  }
+  const int32_t total = slot;
+  std::fill(sorted + total, sorted + max_padded, sentinel);
+  std::fill(block_expert + total / block, block_expert + num_blocks, -1);
+  num_tokens_post_padded.data_ptr<int32_t>()[0] = total;
+
+  // Pass 2: each chunk writes its ids in order.
+  auto scatter_chunks = [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      int32_t* cursor = next.data() + c * num_experts;
+      const int64_t end = chunk_begin(c + 1);
+      for (int64_t i = chunk_begin(c); i < end; ++i) {
+        sorted[cursor[ids[i]]++] = static_cast<int32_t>(i);
+      }
+    }
+  };
+  if (num_chunks == 1) {
+    scatter_chunks(0, 1);
+  } else {
+    at::parallel_for(0, num_chunks, 1, scatter_chunks);
+  }
+  return {sorted_token_ids, expert_ids, num_tokens_post_padded};
 }
 
 }  // namespace moe_align

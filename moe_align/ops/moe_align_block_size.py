@@ -14,6 +14,10 @@ from moe_align.ops._native import load_native
 
 __all__ = ["moe_align_block_size", "max_num_tokens_padded"]
 
+# Limit of the CUDA kernel (kMoeAlignMaxExperts in csrc/moe/moe_kernels.cuh); above it the
+# PyTorch path runs. The C++ CPU kernel has none.
+CUDA_MAX_EXPERTS = 1024
+
 
 def max_num_tokens_padded(numel: int, num_experts: int, block_size: int) -> int:
     """Slots the layout needs at most: each non-empty expert pads by at most ``block_size - 1``."""
@@ -102,13 +106,16 @@ def moe_align_block_size(
         The result is a function of ``topk_ids`` alone: every backend returns the same bits,
         so training runs repeat exactly.
 
-    Backends: CUDA kernel on CUDA tensors, C++ kernel on CPU tensors, PyTorch path with
-    ``MOE_ALIGN_BACKEND=torch``.
+    Backends: CUDA kernel on CUDA tensors (up to 1024 experts), C++ kernel on CPU tensors,
+    PyTorch path otherwise or with ``MOE_ALIGN_BACKEND=torch``.
     """
     _check(topk_ids, num_experts, block_size)
     device = topk_ids.device
-    native = "cuda" if device.type == "cuda" else "cpp"
-    backend = backend_for("moe_align_block_size", device, (native, "torch"), default=native)
+    if device.type == "cuda":
+        available = ("cuda", "torch") if num_experts <= CUDA_MAX_EXPERTS else ("torch",)
+    else:
+        available = ("cpp", "torch")
+    backend = backend_for("moe_align_block_size", device, available, default=available[0])
     if backend == "torch":
         return moe_align_block_size_torch(topk_ids, num_experts, block_size)
     ids = topk_ids.to(torch.int32).contiguous()
