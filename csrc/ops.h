@@ -36,4 +36,39 @@ std::tuple<at::Tensor, at::Tensor> fused_gate_cuda(
     bool group_by_top2_sum, bool renormalize, double routed_scaling_factor);
 #endif
 
+// ---- mla/ : Multi-head Latent Attention ------------------------------------
+
+#ifdef MOE_ALIGN_WITH_CUDA
+// kv_cache: [num_blocks, block_size, D_lat + D_rope], unit last stride, written in place;
+// latent [N, D_lat] and k_rope [N, D_rope] in the cache's dtype, unit last stride;
+// slot_mapping: int64 [N], contiguous. Row t goes to cache row
+// [slot / block_size, slot % block_size] for slot = slot_mapping[t] >= 0.
+void mla_cache_write_cuda(at::Tensor& kv_cache, const at::Tensor& latent, const at::Tensor& k_rope,
+                          const at::Tensor& slot_mapping);
+#endif
+
+// ---- end mla/ ----
+
+// ---- grpo/ : fused GRPO loss -------------------------------------------------
+
+#ifdef MOE_ALIGN_WITH_CUDA
+// logp, old_logp, mask (and ref_logp, sampler_logp, entropy when given): fp32 [B, T],
+// contiguous; advantages: fp32 [B]. Returns fp32 [B, 9] per-sequence sums (see grpo/grpo_loss.cuh).
+at::Tensor fused_grpo_fwd_cuda(const at::Tensor& logp, const at::Tensor& old_logp,
+                               const std::optional<at::Tensor>& ref_logp,
+                               const std::optional<at::Tensor>& sampler_logp,
+                               const at::Tensor& advantages, const at::Tensor& mask,
+                               const std::optional<at::Tensor>& entropy, double eps_low,
+                               double eps_high, double beta, double tis_cap);
+// grad_loss_sum: fp32 [B]. Returns fp32 [B, T]: d(sum_b grad_loss_sum[b] loss_sum[b]) / d logp.
+at::Tensor fused_grpo_bwd_cuda(const at::Tensor& grad_loss_sum, const at::Tensor& logp,
+                               const at::Tensor& old_logp,
+                               const std::optional<at::Tensor>& ref_logp,
+                               const std::optional<at::Tensor>& sampler_logp,
+                               const at::Tensor& advantages, const at::Tensor& mask,
+                               double eps_low, double eps_high, double beta, double tis_cap);
+#endif
+
+// ---- end grpo/ ----
+
 }  // namespace moe_align
