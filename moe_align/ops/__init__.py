@@ -8,7 +8,7 @@ from moe_align.ops._native import load_native
 
 load_native()
 
-# PENDING(fused_moe): from moe_align.ops.fused_moe import fused_experts  # noqa: E402
+from moe_align.ops.fused_moe import fused_experts  # noqa: E402
 from moe_align.ops.gate import grouped_topk  # noqa: E402
 from moe_align.ops.load_balance import (  # noqa: E402
     expert_balance_loss,
@@ -16,13 +16,25 @@ from moe_align.ops.load_balance import (  # noqa: E402
     sequence_balance_loss,
     update_correction_bias_,
 )
+from moe_align.ops.mla import (  # noqa: E402
+    MLADecodePlan,
+    mla_cache_append,
+    mla_decode,
+    mla_decode_plan,
+    mla_varlen_attention,
+)
 from moe_align.ops.moe_align_block_size import moe_align_block_size  # noqa: E402
 
 __all__ = [
+    "MLADecodePlan",
     "expert_balance_loss",
     "expert_token_counts",
-    # "fused_experts",
+    "fused_experts",
     "grouped_topk",
+    "mla_cache_append",
+    "mla_decode",
+    "mla_decode_plan",
+    "mla_varlen_attention",
     "moe_align_block_size",
     "sequence_balance_loss",
     "update_correction_bias_",

@@ -1,0 +1,228 @@
+"""Shared helpers of the benchmarks: timing, peak memory, run metadata, tables (text, markdown, CSV).
+
+Timing: on CUDA the median of ``triton.testing.do_bench`` (it warms up, flushes L2 between runs
+and times with CUDA events); on the CPU a wall-clock timer that warms up, then repeats until a
+time budget or a repeat count is spent and reports the median.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(fn: Callable[[], Any], warmup: int = 1, min_reps: int = 3, max_reps: int = 50,
+             budget_s: float = 1.0) -> float:
+    """Median wall time of ``fn()`` in ms: ``warmup`` calls, then at least ``min_reps`` and at most
+    ``max_reps`` timed calls, stopping once ``budget_s`` seconds of timed calls have passed."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_reps and (len(times) < min_reps or spent < budget_s):
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        times.append(elapsed * 1e3)
+        spent += elapsed
+    return statistics.median(times)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, grad_to_none: Sequence[torch.Tensor] | None = None,
+            quick: bool = False) -> float:
+    """Median time of ``fn()`` in ms on ``device`` (see the module docstring)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        warmup, rep = (5, 20) if quick else (25, 100)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                             return_mode="median"))
+
+    def call():
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        fn()
+
+    if quick:
+        return time_cpu(call, warmup=1, min_reps=1, max_reps=3, budget_s=0.05)
+    return time_cpu(call)
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak allocated device memory of one ``fn()`` call in MiB, above what was allocated before
+    (CUDA only; None on the CPU, where the benchmarks do not measure memory)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None) -> float:
+    """Dense ``n x n x n`` matmul TFLOP/s on ``device``: the ceiling the TFLOP/s columns compare to."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_fn(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Set ``MOE_ALIGN_BACKEND`` for the duration of the block (None: leave it as it is)."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("MOE_ALIGN_BACKEND")
+    os.environ["MOE_ALIGN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["MOE_ALIGN_BACKEND"]
+        else:
+            os.environ["MOE_ALIGN_BACKEND"] = old
+
+
+# --------------------------------------------------------------------------- run metadata
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu}, {torch.get_num_threads()} threads"
+
+
+def run_metadata(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "git": git_sha(),
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if value >= 100:
+            return f"{value:.0f}"
+        if value >= 10:
+            return f"{value:.1f}"
+        if value >= 0.01:
+            return f"{value:.2f}"
+        return f"{value:.2g}"
+    return str(value)
+
+
+def text_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric))
+
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float))
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    numeric = [all(_is_number(row.get(c)) for row in rows) for c in columns]
+    out = ["| " + " | ".join(columns) + " |",
+           "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    out += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def metadata_line(meta: dict[str, str]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in meta.items())
+
+
+def write_markdown(path: str | Path, title: str, meta: dict[str, str], notes: Sequence[str],
+                   rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    lines = [f"# {title}", "", metadata_line(meta), ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", markdown_table(rows, columns), ""]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines))
+
+
+def write_csv(path: str | Path, meta: dict[str, str], rows: Sequence[dict[str, Any]],
+              columns: Sequence[str]) -> None:
+    """One row per measurement; the run metadata repeated on every row as extra columns."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(columns) + list(meta))
+        for row in rows:
+            writer.writerow([_csv_value(row.get(c)) for c in columns] + list(meta.values()))
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
