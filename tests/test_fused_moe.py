@@ -13,12 +13,16 @@ GRAD_NAMES = ("hidden_states", "gate_up_proj", "down_proj", "topk_weights")
 
 @pytest.fixture
 def use_backend(backend):
-    """Force a backend, failing (rather than silently falling back) where it cannot run."""
+    """Force a backend; returns the device its tests run on (Triton: CUDA when there is one,
+    else CPU tensors under TRITON_INTERPRET=1)."""
 
-    def force(name: str, device: str = "cpu") -> None:
-        if name == "triton":
-            assert triton_available(torch.device(device)), "Triton needs CUDA or TRITON_INTERPRET=1"
+    def force(name: str) -> str:
         backend(name)
+        if name != "triton" or torch.cuda.is_available():
+            return "cuda" if name == "triton" else "cpu"
+        if not triton_available(torch.device("cpu")):
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+        return "cpu"
 
     return force
 
@@ -46,7 +50,8 @@ def make_inputs(num_tokens, hidden, inter, num_experts, top_k, dtype, seed, ids=
 def assert_close(got, want, dtype, name):
     rtol, atol = TOLERANCES[dtype]
     scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol * max(scale, 1e-6), msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(got.double().cpu(), want, rtol=rtol, atol=atol * max(scale, 1e-6),
+                               msg=lambda m: f"{name}: {m}")
 
 
 def run_and_check(x, gate_up, down, weights, ids, grad_out, dtype):
@@ -92,40 +97,41 @@ def test_torch_path_matches_oracle(use_backend, tokens, hidden, inter, experts, 
 
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k,dtype", TRITON_CASES)
 def test_triton_matches_oracle(use_backend, tokens, hidden, inter, experts, top_k, dtype):
-    use_backend("triton")
-    run_and_check(*make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=tokens + 10 * experts), dtype)
+    device = use_backend("triton")
+    inputs = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=tokens + 10 * experts, device=device)
+    run_and_check(*inputs, dtype)
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_edge_layouts(use_backend, backend_name):
-    use_backend(backend_name)
+    device = use_backend(backend_name)
     dtype = torch.float32
     # Every token on one expert (top-1), experts 0-2 and 4-5 without tokens.
     ids = torch.full((9, 1), 3)
-    grads = run_and_check(*make_inputs(9, 32, 16, 6, 1, dtype, seed=1, ids=ids), dtype)
+    grads = run_and_check(*make_inputs(9, 32, 16, 6, 1, dtype, seed=1, ids=ids, device=device), dtype)
     for grad in grads[1:3]:
         assert torch.count_nonzero(grad[[0, 1, 2, 4, 5]]) == 0
     # Experts 0, 2 and the last receive nothing; duplicate experts within a token.
     g = torch.Generator().manual_seed(2)
     ids = distinct_ids(12, 2, 8, g, skip=(0, 2, 7))
     ids[3, 1] = ids[3, 0]
-    grads = run_and_check(*make_inputs(12, 32, 16, 8, 2, dtype, seed=2, ids=ids), dtype)
+    grads = run_and_check(*make_inputs(12, 32, 16, 8, 2, dtype, seed=2, ids=ids, device=device), dtype)
     for grad in grads[1:3]:
         assert torch.count_nonzero(grad[[0, 2, 7]]) == 0
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_strided_inputs_and_int32_ids_unmodified(use_backend, backend_name):
-    use_backend(backend_name)
+    device = use_backend(backend_name)
     dtype = torch.float32
-    x, gate_up, down, weights, ids, grad_out = make_inputs(11, 32, 24, 5, 2, dtype, seed=3)
+    x, gate_up, down, weights, ids, grad_out = make_inputs(11, 32, 24, 5, 2, dtype, seed=3, device=device)
     # Same values, other layouts: transposed or sliced storage.
-    x_s = torch.empty(11, 64)[:, ::2].copy_(x)
-    gate_up_s = torch.empty(5, 32, 48).transpose(1, 2).copy_(gate_up)
-    down_s = torch.empty(5, 24, 32).transpose(1, 2).copy_(down)
-    weights_s = torch.empty(2, 11).t().copy_(weights)
-    ids_s = torch.empty(2, 11, dtype=torch.int32).t().copy_(ids)
-    grad_s = torch.empty(32, 11).t().copy_(grad_out)
+    x_s = torch.empty(11, 64, device=device)[:, ::2].copy_(x)
+    gate_up_s = torch.empty(5, 32, 48, device=device).transpose(1, 2).copy_(gate_up)
+    down_s = torch.empty(5, 24, 32, device=device).transpose(1, 2).copy_(down)
+    weights_s = torch.empty(2, 11, device=device).t().copy_(weights)
+    ids_s = torch.empty(2, 11, dtype=torch.int32, device=device).t().copy_(ids)
+    grad_s = torch.empty(32, 11, device=device).t().copy_(grad_out)
     for t in (x_s, gate_up_s, down_s, weights_s, ids_s, grad_s):
         assert not t.is_contiguous()
     before = [t.clone() for t in (x_s, gate_up_s, down_s, weights_s, ids_s, grad_s)]
@@ -141,9 +147,9 @@ def test_strided_inputs_and_int32_ids_unmodified(use_backend, backend_name):
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_partial_requires_grad_and_determinism(use_backend, backend_name):
-    use_backend(backend_name)
+    device = use_backend(backend_name)
     dtype = torch.float32
-    x, gate_up, down, weights, ids, grad_out = make_inputs(9, 32, 16, 4, 2, dtype, seed=4)
+    x, gate_up, down, weights, ids, grad_out = make_inputs(9, 32, 16, 4, 2, dtype, seed=4, device=device)
     want = experts_oracle_with_grads(x, gate_up, down, weights, ids, grad_out)
     # Only the weights (and not the activations / routing weights) need gradients, as for the
     # first MoE layer with a frozen router.
@@ -163,7 +169,7 @@ def test_partial_requires_grad_and_determinism(use_backend, backend_name):
     assert torch.equal(first, second.detach())
 
 
-def test_topk_weights_dtype(backend):
+def test_topk_weights_dtype(use_backend):
     use_backend("torch")
     x, gate_up, down, weights, ids, grad_out = make_inputs(5, 32, 16, 4, 2, torch.float32, seed=5)
     w64 = weights.double().requires_grad_(True)
@@ -176,8 +182,8 @@ def test_topk_weights_dtype(backend):
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
 def test_opcheck(use_backend, backend_name):
-    use_backend(backend_name)
-    x, gate_up, down, weights, ids, grad_out = make_inputs(6, 32, 16, 4, 2, torch.float32, seed=6)
+    device = use_backend(backend_name)
+    x, gate_up, down, weights, ids, grad_out = make_inputs(6, 32, 16, 4, 2, torch.float32, seed=6, device=device)
     leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     torch.library.opcheck(torch.ops.moe_align.fused_experts.default, (*leaves, ids, True))
     torch.library.opcheck(torch.ops.moe_align.fused_experts.default, (x, gate_up, down, weights, ids.int(), False))
@@ -195,9 +201,9 @@ def _moe_loss(x, gate_up, down, weights, ids):
 @pytest.mark.parametrize("backend_name,compiler", [("torch", "aot_eager"), ("triton", "aot_eager"),
                                                    ("torch", "inductor")])
 def test_torch_compile_fullgraph(use_backend, backend_name, compiler):
-    use_backend(backend_name)
+    device = use_backend(backend_name)
     torch._dynamo.reset()
-    x, gate_up, down, weights, ids, _ = make_inputs(5, 32, 16, 4, 2, torch.float32, seed=7)
+    x, gate_up, down, weights, ids, _ = make_inputs(5, 32, 16, 4, 2, torch.float32, seed=7, device=device)
     eager = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     compiled = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     want = _moe_loss(*eager, ids)
@@ -242,7 +248,7 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("backend_name", ["triton", "torch"])
 @pytest.mark.parametrize("tokens,hidden,inter,experts,top_k", [(1, 256, 128, 8, 2), (300, 512, 192, 16, 6)])
 def test_bf16_on_gpu(use_backend, backend_name, tokens, hidden, inter, experts, top_k):
-    use_backend(backend_name, "cuda")
+    use_backend(backend_name)
     dtype = torch.bfloat16
     inputs = make_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=tokens, device="cuda")
     run_and_check(*inputs, dtype)
