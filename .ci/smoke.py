@@ -14,7 +14,11 @@ from moe_align.ops import fused_experts, grouped_topk, moe_align_block_size
 
 root = pathlib.Path(moe_align.__file__).parent
 assert "site-packages" in str(root), f"moe_align imported from {root}, not from the installed wheel"
-import moe_align.kernels.fused_moe  # noqa: E402,F401  (the Triton kernels ship in the wheel)
+# The Triton kernels ship in the wheel.
+import moe_align.kernels.fused_moe  # noqa: E402,F401
+import moe_align.kernels.linear_logprobs  # noqa: E402,F401
+import moe_align.kernels.mla_attention  # noqa: E402,F401
+import moe_align.kernels.mla_decode  # noqa: E402,F401
 
 torch.manual_seed(0)
 tokens, hidden, inter, experts, top_k = 5, 32, 16, 4, 2

@@ -1,5 +1,7 @@
 """Drop-in nn.Modules built on the moe_align ops."""
 
+from moe_align.modules.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinearSFTLoss
+from moe_align.modules.mla import MLACache, MLAConfig, MLADecodeStep, MLAttention
 from moe_align.modules.moe import (
     DeepseekMoE,
     MoEConfig,
@@ -12,6 +14,13 @@ from moe_align.modules.moe import (
 
 __all__ = [
     "DeepseekMoE",
+    "FusedLinearDPOLoss",
+    "FusedLinearGRPOLoss",
+    "FusedLinearSFTLoss",
+    "MLACache",
+    "MLAConfig",
+    "MLADecodeStep",
+    "MLAttention",
     "MoEConfig",
     "MoEGate",
     "MoERouting",
