@@ -156,6 +156,16 @@ def moe_flops(shape: Shape, tokens: int) -> float:
     return float(per_token * tokens)
 
 
+def with_backend(backend: str | None, fn: Callable) -> Callable:
+    """``fn`` run with ``MOE_ALIGN_BACKEND=backend`` (None: as set)."""
+
+    def run():
+        with common.forced_backend(backend):
+            return fn()
+
+    return run
+
+
 # --------------------------------------------------------------------------- cases
 
 
@@ -173,8 +183,12 @@ class Bench:
         self.quick = args.quick
         self._moe_key, self._moe = None, None
 
-    def time(self, fn, grad_to_none=None) -> float:
-        return common.time_fn(fn, self.device, grad_to_none=grad_to_none, quick=self.quick)
+    def timed_rows(self, section, shape, tokens, fns, dtype) -> list[dict]:
+        times, errors = common.time_interleaved(fns, self.device, quick=self.quick)
+        for provider, err in errors.items():
+            print(f"\n{section} {shape} T={tokens} {provider}: {type(err).__name__}: {err}", file=sys.stderr)
+        return [self.row(section, shape, tokens, p if p in times else p + " (failed)", "fwd", times.get(p), dtype=dtype)
+                for p in fns]
 
     def row(self, section, shape, tokens, provider, mode, ms, dtype=None, flops=None, peak=None):
         tflops = flops / (ms * 1e-3) / 1e12 if flops and ms else None
@@ -194,14 +208,10 @@ class Bench:
         backends = ["torch"]
         if self.device.type == "cuda" and has_cuda_kernels():
             backends.insert(0, "cuda")
-        rows = []
-        for backend in backends:
-            with common.forced_backend(backend):
-                ms = self.time(lambda: grouped_topk(logits, shape.top_k, **kwargs))
-            rows.append(self.row("gate", name, tokens, f"grouped_topk[{backend}]", "fwd", ms, dtype=torch.float32))
-        ms = self.time(lambda: plain_gate(logits, bias, shape))
-        rows.append(self.row("gate", name, tokens, "plain torch gate", "fwd", ms, dtype=torch.float32))
-        return rows
+        fns = {f"grouped_topk[{b}]": with_backend(b, lambda: grouped_topk(logits, shape.top_k, **kwargs))
+               for b in backends}
+        fns["plain torch gate"] = lambda: plain_gate(logits, bias, shape)
+        return self.timed_rows("gate", name, tokens, fns, dtype=torch.float32)
 
     # align ---------------------------------------------------------------
     def align_case(self, name: str, tokens: int) -> list[dict]:
@@ -210,13 +220,11 @@ class Bench:
         ids = torch.rand(tokens, shape.experts, device=self.device, generator=g).topk(shape.top_k, dim=-1)
         ids = ids.indices.to(torch.int32)
         native = "cuda" if self.device.type == "cuda" else "cpp"
-        rows = []
-        with common.forced_backend(native):
-            ms = self.time(lambda: moe_align_block_size(ids, shape.experts, BLOCK_SIZE))
-        rows.append(self.row("align", name, tokens, f"moe_align[{native}]", "fwd", ms, dtype=torch.int32))
-        ms = self.time(lambda: moe_align_block_size_torch(ids, shape.experts, BLOCK_SIZE))
-        rows.append(self.row("align", name, tokens, "moe_align[torch]", "fwd", ms, dtype=torch.int32))
-        return rows
+        fns = {
+            f"moe_align[{native}]": with_backend(native, lambda: moe_align_block_size(ids, shape.experts, BLOCK_SIZE)),
+            "moe_align[torch]": lambda: moe_align_block_size_torch(ids, shape.experts, BLOCK_SIZE),
+        }
+        return self.timed_rows("align", name, tokens, fns, dtype=torch.int32)
 
     # moe -----------------------------------------------------------------
     def module(self, name: str) -> DeepseekMoE:
@@ -281,31 +289,28 @@ class Bench:
         grad_out = torch.randn(tokens, shape.hidden, device=self.device, generator=g).to(self.dtype)
         params = [x] + list(moe.parameters())
         flops = moe_flops(shape, tokens)
+        providers = self.moe_providers(moe)
+        fwd = {p: with_backend(b, lambda fn=fn: fn(x)) for p, b, fn in providers}
+        fwd_bwd = {p: with_backend(b, lambda fn=fn: fn(x).backward(grad_out)) for p, b, fn in providers}
+        ms_fwd, errors = common.time_interleaved(fwd, self.device, quick=self.quick)
+        ms_full, errors_bwd = common.time_interleaved(fwd_bwd, self.device, grad_to_none=params, quick=self.quick)
+        errors.update(errors_bwd)
         rows = []
-        for provider, backend, fn in self.moe_providers(moe):
-            def fwd():
-                return fn(x)
-
-            def fwd_bwd():
-                fn(x).backward(grad_out)
-
-            try:
-                with common.forced_backend(backend):
-                    ms_fwd = self.time(fwd)
-                    ms_full = self.time(fwd_bwd, grad_to_none=params)
-                    peak = common.peak_memory_mib(fwd_bwd, self.device)
-            except (RuntimeError, NotImplementedError) as err:  # e.g. out of memory, an op missing here
+        for provider, _, _ in providers:
+            if provider in errors:
+                err = errors[provider]
                 print(f"\n{name} T={tokens} {provider}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
                       file=sys.stderr)
                 rows.append(self.row("moe", name, tokens, provider + " (failed)", "fwd+bwd", None))
                 continue
-            finally:
-                for p in params:
-                    p.grad = None
-            ms_bwd = ms_full - ms_fwd if ms_full > ms_fwd else None
-            rows.append(self.row("moe", name, tokens, provider, "fwd", ms_fwd, flops=flops))
-            rows.append(self.row("moe", name, tokens, provider, "bwd", ms_bwd, flops=2 * flops))
-            rows.append(self.row("moe", name, tokens, provider, "fwd+bwd", ms_full, flops=3 * flops, peak=peak))
+            peak = common.peak_memory_mib(fwd_bwd[provider], self.device)
+            for p in params:
+                p.grad = None
+            full, forward = ms_full[provider], ms_fwd[provider]
+            rows.append(self.row("moe", name, tokens, provider, "fwd", forward, flops=flops))
+            rows.append(self.row("moe", name, tokens, provider, "bwd", full - forward if full > forward else None,
+                                 flops=2 * flops))
+            rows.append(self.row("moe", name, tokens, provider, "fwd+bwd", full, flops=3 * flops, peak=peak))
         return rows
 
     def cases(self, shapes: list[str], tokens: list[int]) -> list[Case]:
@@ -377,8 +382,9 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
         if cpp is None or torch_path is None:
             verdict(None, f"CPU moe_align T={ALIGN_TOKENS} top-8 of 256: C++ >= 10x the PyTorch path (not measured)")
         else:
-            verdict(torch_path / cpp >= 10, f"CPU moe_align T={ALIGN_TOKENS} top-8 of 256: C++ {cpp * 1e3:.0f} us vs "
-                                            f"PyTorch {torch_path * 1e3:.0f} us = {torch_path / cpp:.1f}x (target >= 10x)")
+            verdict(torch_path / cpp >= 10,
+                    f"CPU moe_align T={ALIGN_TOKENS} top-8 of 256: C++ {cpp * 1e3:.0f} us vs "
+                    f"PyTorch {torch_path * 1e3:.0f} us = {torch_path / cpp:.1f}x (target >= 10x)")
     else:
         align = [r for r in rows if r["section"] == "align" and r["tokens"] == 4096
                  and SHAPES[r["shape"]].experts == 256 and SHAPES[r["shape"]].top_k == 8]
@@ -391,7 +397,8 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
             ours = find(rows, section="moe", shape="v3", tokens=16384, mode=mode, provider="DeepseekMoE")
             ref = find(rows, section="moe", shape="v3", tokens=16384, mode=mode, provider="torch._grouped_mm")
             if ours is None or ref is None:
-                verdict(None, f"GPU v3 T=16384 bf16 {mode}: DeepseekMoE no slower than torch._grouped_mm (not measured)")
+                verdict(None, f"GPU v3 T=16384 bf16 {mode}: DeepseekMoE no slower than torch._grouped_mm "
+                              "(not measured)")
             else:
                 verdict(ours <= ref, f"GPU v3 T=16384 bf16 {mode}: DeepseekMoE {ours:.2f} ms vs torch._grouped_mm "
                                      f"{ref:.2f} ms = {ref / ours:.2f}x (target >= 1x)")
@@ -402,7 +409,8 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Shapes: " + "; ".join(f"{k}: {v.describe()}" for k, v in SHAPES.items()))
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): shape tiny-v3, T in {1, 16}")
@@ -451,6 +459,9 @@ def main(argv=None) -> int:
         "loop's time / this row's time (> 1: faster)",
         f"align: block size {BLOCK_SIZE}; bwd rows = fwd+bwd - fwd",
     ]
+    if device.type != "cuda":
+        notes.append("CPU: DeepseekMoE's default already is the PyTorch path (fused_experts has no C++ "
+                     "kernel), so its x torch is 1 by definition")
     table = common.text_table(rows, COLUMNS)
     verdicts = targets(rows, device)
     print()

@@ -2,7 +2,8 @@
 
 Timing: on CUDA the median of ``triton.testing.do_bench`` (it warms up, flushes L2 between runs
 and times with CUDA events); on the CPU a wall-clock timer that warms up, then repeats until a
-time budget or a repeat count is spent and reports the median.
+time budget or a repeat count is spent and reports the median; :func:`time_interleaved` times
+several providers round-robin so that load from other processes does not favour one of them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,61 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, grad_to_none: Sequen
     if quick:
         return time_cpu(call, warmup=1, min_reps=1, max_reps=3, budget_s=0.05)
     return time_cpu(call)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, *,
+                     grad_to_none: Sequence[torch.Tensor] | None = None,
+                     quick: bool = False) -> tuple[dict[str, float], dict[str, BaseException]]:
+    """Median time in ms of each of ``fns`` by name, and the errors of those that raised.
+
+    On the CPU the providers are timed round-robin (one warm-up call each, then rounds of one
+    timed call per provider, at least 3 rounds and until 0.25 s per provider has passed or 1000
+    rounds): load from other processes then slows all of them alike instead of whichever ran
+    while it lasted. On CUDA each is timed with :func:`time_fn` in turn. A provider that raises
+    (out of memory, an op this device lacks) is left out and its error returned.
+    """
+    times: dict[str, float] = {}
+    errors: dict[str, BaseException] = {}
+    if device.type == "cuda":
+        for name, fn in fns.items():
+            try:
+                times[name] = time_fn(fn, device, grad_to_none=grad_to_none, quick=quick)
+            except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                errors[name] = err
+            finally:
+                if grad_to_none:
+                    for t in grad_to_none:
+                        t.grad = None
+        return times, errors
+
+    def call(fn) -> float:
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    working = {}
+    for name, fn in fns.items():
+        try:
+            call(fn)
+            working[name] = fn
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+            errors[name] = err
+    min_rounds, max_rounds, budget_ms = (1, 3, 50.0) if quick else (3, 1000, 250.0)
+    samples: dict[str, list[float]] = {name: [] for name in working}
+    while working:
+        for name, fn in working.items():
+            samples[name].append(call(fn))
+        rounds = len(samples[next(iter(working))])
+        if rounds >= max_rounds or (rounds >= min_rounds and all(sum(t) >= budget_ms for t in samples.values())):
+            break
+    if grad_to_none:
+        for t in grad_to_none:
+            t.grad = None
+    times.update({name: statistics.median(t) for name, t in samples.items()})
+    return times, errors
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
