@@ -19,6 +19,7 @@ import moe_align.kernels.fused_moe  # noqa: E402,F401
 import moe_align.kernels.linear_logprobs  # noqa: E402,F401
 import moe_align.kernels.mla_attention  # noqa: E402,F401
 import moe_align.kernels.mla_decode  # noqa: E402,F401
+import moe_align.models  # noqa: E402,F401
 
 torch.manual_seed(0)
 tokens, hidden, inter, experts, top_k = 5, 32, 16, 4, 2
