@@ -2,7 +2,8 @@
 
 Providers (one table):
   linear_logprobs[torch|triton]  ours: moe_align.ops.linear_logprobs per backend (triton: GPU only)
-  FusedLinearGRPOLoss            ours: the GRPO module (log-probs + loss), to compare with Liger's
+  FusedLinearGRPOLoss            ours: the GRPO module (log-probs + loss), next to Liger's (GPU or
+                                 where Liger is installed)
   naive                          logits = h @ W^T, log_softmax in float32, gather
   liger GRPO                     Liger-Kernel's LigerFusedLinearGRPOLoss (where installed)
   trl chunked                    TRL's chunked log-prob autograd function (where installed)
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import gc
 import re
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,16 +64,21 @@ def cpu_peak_mib(fn: Callable[[], object]) -> float | None:
 
 
 class Case:
-    def __init__(self, n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, quick: bool) -> None:
+    def __init__(self, n: int, h: int, v: int, dtype: torch.dtype, device: torch.device, quick: bool,
+                 ignored: float = 0.0) -> None:
         self.n, self.h, self.v, self.dtype, self.device, self.quick = n, h, v, dtype, device, quick
         g = torch.Generator(device="cpu").manual_seed(0)
         self.hidden = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
         self.weight = (torch.randn(v, h, generator=g) * (2.0 / h**0.5)).to(device, dtype).requires_grad_()
-        self.targets = torch.randint(0, v, (n,), generator=g).to(device)
+        targets = torch.randint(0, v, (n,), generator=g)
+        # A fraction of the tokens (prompt, padding) takes no part: ignore_index for us, masked for naive.
+        targets[torch.rand(n, generator=g) < ignored] = -100
+        self.targets = targets.to(device)
+        self.valid = self.targets != -100
         self.batch = max(1, n // SEQ_LEN)
         self.seq = n // self.batch
         self.advantages = torch.randn(self.batch, generator=g).to(device)
-        self.mask = torch.ones(self.batch, self.seq, dtype=torch.bool, device=device)
+        self.mask = self.valid.view(self.batch, self.seq)
 
     # ---- providers: name -> (fwd or None, fwd+bwd) ----
 
@@ -93,33 +101,39 @@ class Case:
         if self.device.type == "cuda":
             out["linear_logprobs[triton]"] = logprobs("triton")
 
+        safe = t.clamp(min=0).unsqueeze(1)
+
+        def naive():
+            return torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, safe).squeeze(1) * self.valid
+
         def naive_fwd():
             with torch.no_grad():
-                return torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, t.unsqueeze(1))
+                return naive()
 
         def naive_fwd_bwd():
-            torch.log_softmax((h @ w.T).float(), dim=-1).gather(1, t.unsqueeze(1)).sum().backward()
+            naive().sum().backward()
 
         out["naive"] = (naive_fwd, naive_fwd_bwd)
 
         ids = t.view(self.batch, self.seq)
         hidden3 = h.view(self.batch, self.seq, self.h)
         grpo = FusedLinearGRPOLoss(beta=0.0, loss_type="token-mean")
-        out["FusedLinearGRPOLoss"] = (None, lambda: grpo(hidden3, w, ids, self.mask, self.advantages)[0].backward())
-
+        ours_grpo = (None, lambda: grpo(hidden3, w, ids, self.mask, self.advantages)[0].backward())
         try:
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
             liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo")
+            out["FusedLinearGRPOLoss"] = ours_grpo
             out["liger GRPO"] = (None, lambda: liger(hidden3, w, ids, self.mask.long(), self.advantages)[0].backward())
         except ImportError:
-            pass
+            if self.device.type == "cuda" or self.quick:  # on the CPU it only repeats linear_logprobs' row
+                out["FusedLinearGRPOLoss"] = ours_grpo
         try:
             from trl.trainer.utils import _ChunkedLogProbFunction
 
             def trl_fwd_bwd():
-                logp, _ = _ChunkedLogProbFunction.apply(h, w, t, 1.0, 4096)
-                logp.sum().backward()
+                logp, _ = _ChunkedLogProbFunction.apply(h, w, t.clamp(min=0), 1.0, 4096)
+                (logp * self.valid).sum().backward()
 
             out["trl chunked"] = (None, trl_fwd_bwd)
         except ImportError:
@@ -143,55 +157,75 @@ class Case:
 
     # ---- measuring ----
 
-    def time(self, fn: Callable, warm: bool = False) -> float:
-        grads = [self.hidden, self.weight]
-        if self.device.type == "cuda" or self.quick:
-            return common.time_fn(fn, self.device, grad_to_none=grads, quick=self.quick)
-
-        def call():
-            for x in grads:
-                x.grad = None
-            fn()
-
-        # CPU at full size: a call takes seconds, so warm up once (unless just done) and take the
-        # median of few.
-        return common.time_cpu(call, warmup=0 if warm else 1, min_reps=2, max_reps=3, budget_s=1.0)
+    def _clear_grads(self) -> None:
+        for x in (self.hidden, self.weight):
+            x.grad = None
 
     def peak(self, fn: Callable) -> float | None:
         """Peak memory of one call after a warm-up call (one-time allocations left out)."""
-        for x in (self.hidden, self.weight):
-            x.grad = None
+        self._clear_grads()
         fn()
-        for x in (self.hidden, self.weight):
-            x.grad = None
+        self._clear_grads()
         gc.collect()
         if self.device.type == "cuda":
             return common.peak_memory_mib(fn, self.device)
         return cpu_peak_mib(fn)
 
+    def times(self, fns: list[Callable], warm: list[bool], reps: int = 3) -> list[float]:
+        """Median ms of each function (``warm``: already called once). On the CPU at full size
+        (seconds per call, on a machine that may be shared) the functions are timed in turns, so
+        that a slow spell hits all of them."""
+        if self.device.type == "cuda" or self.quick:
+            return [common.time_fn(fn, self.device, grad_to_none=[self.hidden, self.weight], quick=self.quick)
+                    for fn in fns]
+        samples: list[list[float]] = [[] for _ in fns]
+        for fn, is_warm in zip(fns, warm):
+            if not is_warm:
+                self._clear_grads()
+                fn()
+        for _ in range(reps):
+            for i, fn in enumerate(fns):
+                self._clear_grads()
+                start = time.perf_counter()
+                fn()
+                samples[i].append((time.perf_counter() - start) * 1e3)
+        return [statistics.median(s) for s in samples]
+
     def run(self, providers: list[str] | None) -> list[dict]:
-        rows = []
+        rows: list[dict] = []
+        fns: list[Callable] = []
+        warm: list[bool] = []
         flops = 2.0 * self.n * self.h * self.v
         base = dict(N=self.n, H=self.h, V=self.v)
-        grad_mib = (self.hidden.numel() * self.hidden.element_size() + self.weight.numel() * self.weight.element_size()) / 2**20
+        grad_mib = (self.hidden.numel() * self.hidden.element_size()
+                    + self.weight.numel() * self.weight.element_size()) / 2**20
         for name, (fwd, fwd_bwd) in self.providers().items():
             if providers and name not in providers:
                 continue
             try:
                 peak = self.peak(fwd_bwd)
-                rows.append(dict(base, provider=name, mode="fwd+bwd", ms=self.time(fwd_bwd, warm=True), flops=3 * flops,
-                                 **{"peak MiB": peak, "extra MiB": None if peak is None else peak - grad_mib}))
-                if fwd is not None:
-                    rows.append(dict(base, provider=name, mode="fwd", ms=self.time(fwd), flops=flops))
             except Exception as err:  # one failing peer must not lose the table
                 print(f"\n{name} N={self.n} H={self.h} V={self.v}: {type(err).__name__}: {str(err)[:200]}",
                       file=sys.stderr)
-            for x in (self.hidden, self.weight):
-                x.grad = None
+                continue
+            rows.append(dict(base, provider=name, mode="fwd+bwd", flops=3 * flops,
+                             **{"peak MiB": peak, "extra MiB": None if peak is None else peak - grad_mib}))
+            fns.append(fwd_bwd)
+            warm.append(True)  # by the peak measurement
+            if fwd is not None:
+                rows.append(dict(base, provider=name, mode="fwd", flops=flops))
+                fns.append(fwd)
+                warm.append(False)
+        self._clear_grads()
         if not providers or "floor (3 matmuls)" in providers:
             fwd, fwd_bwd = self.floor()
-            rows.append(dict(base, provider="floor (3 matmuls)", mode="fwd+bwd", ms=self.time(fwd_bwd), flops=3 * flops))
-            rows.append(dict(base, provider="floor (3 matmuls)", mode="fwd", ms=self.time(fwd), flops=flops))
+            rows.append(dict(base, provider="floor (3 matmuls)", mode="fwd+bwd", flops=3 * flops))
+            rows.append(dict(base, provider="floor (3 matmuls)", mode="fwd", flops=flops))
+            fns += [fwd_bwd, fwd]
+            warm += [False, False]
+        for row, ms in zip(rows, self.times(fns, warm)):
+            row["ms"] = ms
+        self._clear_grads()
         return rows
 
 
@@ -265,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", nargs="+", type=int, help="H; default 2048 7168 on CUDA, 1024 on the CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="V; default 102400 129280 on CUDA, 32000 on the CPU")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--ignored", type=float, default=0.0,
+                   help="fraction of tokens with target ignore_index (prompt / padding; default 0)")
     p.add_argument("--providers", nargs="+", help="only these providers (names as in the table)")
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
@@ -291,7 +327,7 @@ def main(argv=None) -> int:
     with tqdm(shapes, desc="bench_logprobs", unit="shape", file=sys.stderr) as progress:
         for n, h, v in progress:
             progress.set_postfix_str(f"N={n} H={h} V={v}")
-            case = Case(n, h, v, dtype, device, args.quick)
+            case = Case(n, h, v, dtype, device, args.quick, args.ignored)
             rows.extend(case.run(args.providers))
             del case
             gc.collect()
@@ -299,9 +335,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     add_ratios(rows)
     notes = [
+        f"{100 * args.ignored:.0f}% of the tokens ignored (ignore_index; masked in the naive path)",
         f"{dtype_name}; the GRPO providers see B = N / {SEQ_LEN} sequences of the same tokens, beta = 0, "
         "token-mean aggregation; the log-prob providers backpropagate logp.sum()",
-        "ms: median (CUDA: triton.testing.do_bench; CPU: wall clock after a warm-up, 2-3 runs); "
+        "ms: median (CUDA: triton.testing.do_bench; CPU: wall clock, 3 runs after a warm-up, providers in turns); "
         "TFLOP/s: nominal 2NHV (fwd) or 6NHV (fwd+bwd) over the time",
         "x naive: naive time / this time (> 1: faster); x floor: this time / the 3-matmul floor's",
         "peak MiB: one fwd+bwd's peak allocation above what was allocated before (CPU: peak resident memory); "

@@ -79,17 +79,22 @@ def default_config(device: torch.device, fp32_dot: bool, vocab: int) -> Logprobs
 
 @triton.jit
 def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    # if/else, not an early return: Triton type-checks the statements after a constexpr if.
     if FP32_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
 def _load_rows(rows_ptr, offs, mask, HAS_ROWS: tl.constexpr):
     """Original token index of compacted rows ``offs`` (int64)."""
     if HAS_ROWS:
-        return tl.load(rows_ptr + offs, mask=mask, other=0).to(tl.int64)
-    return offs.to(tl.int64)
+        rows = tl.load(rows_ptr + offs, mask=mask, other=0).to(tl.int64)
+    else:
+        rows = offs.to(tl.int64)
+    return rows
 
 
 @triton.jit
