@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# numpy's BLAS inside Triton's interpreter slows down by an order of magnitude when its threads
+# contend with torch's on a small machine; one thread is plenty for the interpreter's tiny tiles.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter. This must be set
 # before any kernel is decorated, i.e. before moe_align's Triton modules are imported.
