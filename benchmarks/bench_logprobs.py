@@ -309,9 +309,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = common.bench_device(args.device)
     tokens, hiddens, vocabs, dtype_name = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     if args.quick:
         tokens, hiddens, vocabs = QUICK
@@ -344,21 +342,8 @@ def main(argv=None) -> int:
         "peak MiB: one fwd+bwd's peak allocation above what was allocated before (CPU: peak resident memory); "
         "extra MiB: that minus the gradients of hidden and weight; % naive mem: extra over the naive path's",
     ]
-    table = common.text_table(rows, COLUMNS)
-    verdicts = targets(rows, device)
-    print()
-    print(common.metadata_line(meta))
-    for note in notes:
-        print(f"  {note}")
-    print(table)
-    print()
-    for line in verdicts:
-        print(line)
-    if args.markdown:
-        common.write_markdown(args.markdown, "Fused LM-head log-probs: forward+backward", meta, notes + verdicts,
-                              rows, COLUMNS)
-    if args.csv:
-        common.write_csv(args.csv, meta, rows, COLUMNS)
+    common.report("Fused LM-head log-probs: forward+backward", meta, notes, rows, COLUMNS,
+                  targets(rows, device), args.markdown, args.csv)
     return 0
 
 

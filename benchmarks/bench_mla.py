@@ -432,9 +432,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = common.bench_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = common.run_metadata(device)
@@ -463,21 +461,8 @@ def main(argv=None) -> int:
                   "module-train: forward+backward of the attention layer, fp32, one sequence; x ref: the "
                   "fastest transformers implementation's time / this row's"]
     notes.append("ms: median time (CUDA: triton.testing.do_bench; CPU: wall clock after a warm-up)")
-    table = common.text_table(rows, COLUMNS)
-    verdicts = targets(rows, device)
-    print()
-    print(common.metadata_line(meta))
-    for note in notes:
-        print(f"  {note}")
-    print(table)
-    print("\nTargets:")
-    for line in verdicts:
-        print("  " + line)
-    if args.markdown:
-        common.write_markdown(args.markdown, "MLA benchmarks (benchmarks/bench_mla.py)", meta,
-                              notes + [f"target: {line}" for line in verdicts], rows, COLUMNS)
-    if args.csv:
-        common.write_csv(args.csv, meta, rows, COLUMNS)
+    common.report("MLA benchmarks (benchmarks/bench_mla.py)", meta, notes, rows, COLUMNS,
+                  targets(rows, device), args.markdown, args.csv)
     return 0
 
 

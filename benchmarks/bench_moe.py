@@ -427,9 +427,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+    device = common.bench_device(args.device)
     default_shapes, default_tokens = QUICK if args.quick else DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     shapes = args.shapes or default_shapes
     tokens = sorted(set(args.tokens or default_tokens))
@@ -462,21 +460,8 @@ def main(argv=None) -> int:
     if device.type != "cuda":
         notes.append("CPU: DeepseekMoE's default already is the PyTorch path (fused_experts has no C++ "
                      "kernel), so its x torch is 1 by definition")
-    table = common.text_table(rows, COLUMNS)
-    verdicts = targets(rows, device)
-    print()
-    print(common.metadata_line(meta))
-    for note in notes:
-        print(f"  {note}")
-    print(table)
-    print("\nTargets:")
-    for line in verdicts:
-        print("  " + line)
-    if args.markdown:
-        common.write_markdown(args.markdown, "DeepSeekMoE benchmarks (benchmarks/bench_moe.py)", meta,
-                              notes + [f"target: {line}" for line in verdicts], rows, COLUMNS)
-    if args.csv:
-        common.write_csv(args.csv, meta, rows, COLUMNS)
+    common.report("DeepSeekMoE benchmarks (benchmarks/bench_moe.py)", meta, notes, rows, COLUMNS,
+                  targets(rows, device), args.markdown, args.csv)
     return 0
 
 

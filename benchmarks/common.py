@@ -282,3 +282,29 @@ def _csv_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     return str(value)
+
+
+def bench_device(name: str | None) -> torch.device:
+    """The device a benchmark runs on: ``--device`` if given, else CUDA when available."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return device
+
+
+def report(title: str, meta: dict[str, str], notes: Sequence[str], rows: Sequence[dict[str, Any]],
+           columns: Sequence[str], verdicts: Sequence[str], markdown: str | None = None,
+           csv: str | None = None) -> None:
+    """Print the run's metadata, notes, table and target lines; write markdown / CSV when asked."""
+    print()
+    print(metadata_line(meta))
+    for note in notes:
+        print(f"  {note}")
+    print(text_table(rows, columns))
+    print("\nTargets:")
+    for line in verdicts:
+        print("  " + line)
+    if markdown:
+        write_markdown(markdown, title, meta, [*notes, *(f"target: {line}" for line in verdicts)], rows, columns)
+    if csv:
+        write_csv(csv, meta, rows, columns)
