@@ -109,7 +109,8 @@ class cmake_build_ext(build_ext):
 
 
 setup(
-    packages=["moe_align", "moe_align.ops", "moe_align.modules", "moe_align.models", "moe_align.kernels"],
+    packages=["moe_align", "moe_align.ops", "moe_align.modules", "moe_align.models", "moe_align.kernels",
+              "moe_align.train", "moe_align.integrations"],
     package_dir={"moe_align.kernels": "kernels"},
     ext_modules=[CMakeExtension("moe_align._C")],
     cmdclass={"build_ext": cmake_build_ext},

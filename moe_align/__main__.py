@@ -1,0 +1,3 @@
+from moe_align.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,233 @@
+"""SFT trainer machinery: JSONL errors, loss masks, packing, SFT, resume, data parallelism, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
+from moe_align.train.data import (IGNORE_INDEX, DatasetError, PackedBatch, PackedLoader, encode_sft_record,
+                                  load_sft_dataset, pack_bins, read_jsonl)
+from moe_align.train.sft import SFTConfig, SFTTrainer
+from moe_align.train.tokenizer import CharTokenizer
+
+TOK = CharTokenizer()
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def addition_records(n=24):
+    return [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(7) for b in range(7)][:n]
+
+
+def write_records(path, records):
+    return write_lines(path, [json.dumps(r) for r in records])
+
+
+def tiny_config(tmp_path, data, **kw):
+    base = dict(model="tiny", data=data, output_dir=str(tmp_path / "run"), lr=3e-3, batch_tokens=64,
+                max_seq_len=32, progress=False, grad_clip=0.0)
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"prompt": "a", "response": "b"}', "", "{not json"])
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:3"):
+        read_jsonl(path)
+    path = write_lines(tmp_path / "list.jsonl", ['{"prompt": "a", "response": "b"}', "[1, 2]"])
+    with pytest.raises(DatasetError, match=r"list\.jsonl:2: expected a JSON object"):
+        read_jsonl(path)
+    path = write_lines(tmp_path / "field.jsonl", ['{"prompt": "a"}'])
+    with pytest.raises(DatasetError, match=r"field\.jsonl:1: an SFT record needs"):
+        load_sft_dataset(path, TOK, 64)
+    path = write_lines(tmp_path / "type.jsonl", ['{"prompt": "a", "response": 3}'])
+    with pytest.raises(DatasetError, match=r"type\.jsonl:1: field 'response' must be a string"):
+        load_sft_dataset(path, TOK, 64)
+    with pytest.raises(DatasetError, match="empty"):
+        read_jsonl(write_lines(tmp_path / "empty.jsonl", ["", "  "]))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_too_long_sequence_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "long.jsonl", ['{"prompt": "1+1=", "response": "2"}',
+                                                  json.dumps({"prompt": "x" * 40, "response": "y"})])
+    with pytest.raises(DatasetError, match=r"long\.jsonl:2: the example has 43 tokens, more than max_seq_len=32"):
+        load_sft_dataset(path, TOK, 32)
+
+
+def test_loss_mask_is_on_the_response_and_eos_only():
+    ex = encode_sft_record({"prompt": "12+3=", "response": "15"}, TOK)
+    assert ex.input_ids == [TOK.bos_id] + TOK.encode("12+3=15") + [TOK.eos_id]
+    assert ex.labels == [IGNORE_INDEX] * 6 + TOK.encode("15") + [TOK.eos_id]
+    chat = encode_sft_record({"messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "yo"}]}, TOK)
+    text = TOK.decode(chat.input_ids)
+    assert text == "user: hi\nassistant: yo\n"
+    trained = TOK.decode([t for t in chat.labels if t != IGNORE_INDEX])
+    assert trained == "yo\n" and chat.labels[-1] == TOK.eos_id
+    with pytest.raises(DatasetError, match="no assistant reply"):
+        encode_sft_record({"messages": [{"role": "user", "content": "hi"}]}, TOK)
+
+
+def test_pack_bins_first_fit_decreasing():
+    assert pack_bins([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]  # 6+2, 5+3, 4
+    lengths = [int(x) for x in torch.randint(1, 9, (50,), generator=torch.Generator().manual_seed(0))]
+    bins = pack_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(50))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) <= -(-sum(lengths) // 10) + 2  # within a couple of bins of the volume bound
+    with pytest.raises(ValueError, match="capacity"):
+        pack_bins([3, 11], 10)
+
+
+def test_packed_loss_equals_each_sequence_alone():
+    torch.manual_seed(0)
+    model = DeepseekForCausalLM(DeepseekConfig(vocab_size=TOK.vocab_size)).eval()
+    examples = [encode_sft_record(r, TOK) for r in [{"prompt": "1+2=", "response": "3"},
+                                                      {"prompt": "45+6=", "response": "51"},
+                                                      {"prompt": "9=", "response": "nine!"}]]
+    batch = PackedBatch.from_examples(examples)
+    packed, _ = model.token_logprobs(batch.input_ids, batch.cu_seqlens, batch.max_seqlen, batch.labels)
+    alone = []
+    for ex in examples:
+        one = PackedBatch.from_examples([ex])
+        alone.append(model.token_logprobs(one.input_ids, one.cu_seqlens, one.max_seqlen, one.labels)[0])
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-6)
+    assert batch.num_targets == sum(PackedBatch.from_examples([e]).num_targets for e in examples) == (1 + 1) + (2 + 1) + (5 + 1)
+
+
+def test_loader_shards_the_same_global_batch_and_resumes():
+    items = [encode_sft_record(r, TOK) for r in addition_records(40)]
+    one = PackedLoader(items, 32, grad_accum=2, seed=3)
+    ranks = [PackedLoader(items, 32, grad_accum=1, world_size=2, rank=r, seed=3) for r in range(2)]
+    steps = iter(one)
+    rank_steps = [iter(r) for r in ranks]
+    for _ in range(one.steps_per_epoch() + 2):  # into the second epoch
+        whole = next(steps)
+        split = [next(it)[0] for it in rank_steps]
+        assert [e.input_ids for b in whole for e in b] == [e.input_ids for b in split for e in b]
+    state = one.state_dict()
+    expected = next(steps)
+    again = PackedLoader(items, 32, grad_accum=2, seed=3)
+    again.load_state_dict(state)
+    assert [e.input_ids for b in next(iter(again)) for e in b] == [e.input_ids for b in expected for e in b]
+
+
+# ---- training ---------------------------------------------------------------------------------------
+
+
+def test_sft_memorises_a_small_set(tmp_path):
+    data = write_records(tmp_path / "d.jsonl", addition_records(16))
+    trainer = SFTTrainer(tiny_config(tmp_path, data, max_steps=60, lr=1e-2, batch_tokens=128))
+    losses = []
+    for step_batches in trainer.loader:
+        losses.append(trainer.train_step(step_batches)["loss"])
+        if len(losses) == 60:
+            break
+    assert losses[-1] < 0.35 * losses[0], losses[::10]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    data = write_records(tmp_path / "d.jsonl", addition_records(24))
+    straight = SFTTrainer(tiny_config(tmp_path / "a", data, max_steps=5, schedule="cosine", warmup_steps=2,
+                                      bias_update_speed=1e-3))
+    straight.train()
+    first = SFTTrainer(tiny_config(tmp_path / "b", data, max_steps=5, schedule="cosine", warmup_steps=2,
+                                   bias_update_speed=1e-3, save_every=2))
+    real_step, calls = first.train_step, []
+
+    def interrupted(step_batches):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed during step 4; checkpoint-2 is the latest on disk
+        calls.append(1)
+        return real_step(step_batches)
+
+    first.train_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert sorted(os.listdir(tmp_path / "b" / "run")) == ["checkpoint-2", "metrics.jsonl"]
+    resumed = SFTTrainer(tiny_config(tmp_path / "b", data, max_steps=5, schedule="cosine", warmup_steps=2,
+                                     bias_update_speed=1e-3, resume="auto"))
+    assert resumed.step == 2
+    resumed.train()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    lines = lambda run: [json.loads(x) for x in open(tmp_path / run / "run" / "metrics.jsonl")]  # noqa: E731
+    straight_loss = [r["loss"] for r in lines("a")]
+    resumed_loss = {r["step"]: r["loss"] for r in lines("b")}  # steps 1-3, then 3-5 again
+    assert [resumed_loss[s] for s in range(1, 6)] == straight_loss
+
+
+def test_missing_checkpoint_and_failed_save_lose_nothing(tmp_path, monkeypatch):
+    data = write_records(tmp_path / "d.jsonl", addition_records(8))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        SFTTrainer(tiny_config(tmp_path, data, max_steps=1, resume=str(tmp_path / "nowhere")))
+    trainer = SFTTrainer(tiny_config(tmp_path, data, max_steps=1))
+    trainer.train()
+    good = trainer.checkpoint_dir()
+    before = open(os.path.join(good, "model.safetensors"), "rb").read()
+    trainer.step_batches = next(iter(trainer.loader))
+    import moe_align.train.checkpoint as ckpt
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_model", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(good)  # overwrite the same step's checkpoint, fails midway
+    assert open(os.path.join(good, "model.safetensors"), "rb").read() == before
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from moe_align.train.sft import SFTConfig, SFTTrainer
+    data, out, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    trainer = SFTTrainer(SFTConfig(model="tiny", data=data, output_dir=out, batch_tokens=48, max_seq_len=32,
+                                   grad_accum=accum, lr=1e-3, grad_clip=0.0, progress=False))
+    metrics = trainer.train_step(next(iter(trainer.loader)))
+    if trainer.dist.rank == 0:
+        torch.save({"grads": {n: p.grad for n, p in trainer.model.named_parameters()}, "metrics": metrics},
+                   out + "/grads.pt")
+""")
+
+
+def test_two_processes_match_one_process(tmp_path):
+    data = write_records(tmp_path / "d.jsonl", addition_records(30))
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "2"], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), data, str(tmp_path / "two"), "1"], check=True, env=env, timeout=300)
+    one = torch.load(tmp_path / "one" / "grads.pt")
+    two = torch.load(tmp_path / "two" / "grads.pt")
+    assert one["metrics"]["num_tokens"] == two["metrics"]["num_tokens"]
+    assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], rel=1e-5)
+    for name, grad in one["grads"].items():
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_cli_help_and_a_short_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "moe_align", "sft", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--batch-tokens" in out.stdout and "--resume" in out.stdout
+    data = write_records(tmp_path / "d.jsonl", addition_records(8))
+    out = subprocess.run([sys.executable, "-m", "moe_align", "sft", "--model", "tiny", "--data", data,
+                          "--max-steps", "2", "--batch-tokens", "64", "--output-dir", str(tmp_path / "cli"),
+                          "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert os.path.isfile(tmp_path / "cli" / "checkpoint-2" / "model.safetensors")
+    assert len(open(tmp_path / "cli" / "metrics.jsonl").readlines()) == 2
+    out = subprocess.run([sys.executable, "-m", "moe_align", "nonsense"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown command" in out.stderr
