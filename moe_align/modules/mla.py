@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from moe_align.modules._autocast import autocast_off, cast_for_custom_op
 from moe_align.ops.mla import (
     MLADecodePlan,
     mla_cache_append,
@@ -496,8 +497,10 @@ class MLAttention(nn.Module):
         q_nope, q_rope, latent, k_rope = self._project(x, positions)
         kv = self.kv_b_proj(latent).view(x.shape[0], self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope.unsqueeze(1), v, cu_seqlens,
-                                      max_seqlen, self.softmax_scale)
+        q_nope, q_rope, k_nope, k_rope, v = cast_for_custom_op(x.device, q_nope, q_rope, k_nope, k_rope.unsqueeze(1), v)
+        with autocast_off(x.device):
+            out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens, max_seqlen,
+                                          self.softmax_scale)
         out = self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_head_dim))
         return out.view(hidden_states.shape)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_align.modules._autocast import autocast_dtype, autocast_off, cast_for_custom_op
 from moe_align.ops.fused_moe import fused_experts
 from moe_align.ops.gate import grouped_topk
 from moe_align.ops.load_balance import update_correction_bias_
@@ -345,7 +346,11 @@ class RoutedExperts(nn.Module):
         """``hidden_states [T, H]``, ``topk_ids`` int ``[T, K]``, ``topk_weights`` fp32 ``[T, K]`` ->
         ``[T, H]``: ``out[t] = sum_k w[t,k] * down[e] @ (silu(g) * u)``, ``[g; u] = gate_up[e] @ x_t``,
         ``e = topk_ids[t, k]``. Arguments in the order of transformers' experts modules."""
-        return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        device = hidden_states.device
+        hidden_states, gate_up_proj, down_proj = cast_for_custom_op(device, hidden_states, self.gate_up_proj,
+                                                                    self.down_proj)
+        with autocast_off(device):
+            return fused_experts(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
@@ -437,7 +442,7 @@ class DeepseekMoE(nn.Module):
             raise ValueError(
                 f"hidden_states must be [..., hidden_size={self.hidden_size}], got {tuple(hidden_states.shape)}"
             )
-        if hidden_states.dtype != self.experts.gate_up_proj.dtype:
+        if hidden_states.dtype != self.experts.gate_up_proj.dtype and autocast_dtype(hidden_states.device) is None:
             raise TypeError(
                 f"hidden_states is {hidden_states.dtype} but the experts are {self.experts.gate_up_proj.dtype}"
             )
