@@ -98,7 +98,7 @@ class DeepseekConfig:
 
     @classmethod
     def preset(cls, name: str) -> DeepseekConfig:
-        """One of :data:`PRESETS`: "tiny", "small" (train on a CPU), "deepseek-v2-lite",
+        """One of :data:`PRESETS`: "tiny", "small", "medium" (train on a CPU), "deepseek-v2-lite",
         "deepseek-v2", "deepseek-v3" (full shapes; build them on the meta device)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -109,10 +109,15 @@ _BIG_COMMON = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, 
                    max_position_embeddings=4096)
 PRESETS: dict[str, dict] = {
     "tiny": dict(),
-    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, moe_intermediate_size=128,
-                  num_hidden_layers=4, num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4,
-                  n_shared_experts=1, n_group=4, topk_group=2, q_lora_rank=96, kv_lora_rank=64,
-                  qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, routed_scaling_factor=2.5),
+    # "small" learns the demo's arithmetic on 2 CPU cores in minutes; "medium" is the next size up.
+    "small": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, moe_intermediate_size=64,
+                  num_hidden_layers=3, num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=32,
+                  qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32, routed_scaling_factor=2.5),
+    "medium": dict(vocab_size=4096, hidden_size=256, intermediate_size=704, moe_intermediate_size=128,
+                   num_hidden_layers=4, num_attention_heads=8, n_routed_experts=16, num_experts_per_tok=4,
+                   n_shared_experts=1, n_group=4, topk_group=2, q_lora_rank=96, kv_lora_rank=64,
+                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, routed_scaling_factor=2.5),
     "deepseek-v2-lite": dict(_BIG_COMMON, model_type="deepseek_v2", topk_method="greedy", vocab_size=102400,
                              hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
                              num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,

@@ -54,10 +54,10 @@ def load_model(directory: str, device: torch.device | str = "cpu") -> tuple[Deep
     with open(os.path.join(directory, CONFIG_NAME)) as f:
         fields = json.load(f)
     tokenizer = fields.pop("tokenizer", "char")
-    with torch.device("meta"):
-        model = DeepseekForCausalLM(DeepseekConfig(**fields), device="meta")
-    state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device))
-    model.load_state_dict(state, strict=True, assign=True)
+    # Built on the device rather than on "meta": the rotary tables are non-persistent buffers that
+    # the state dict does not carry.
+    model = DeepseekForCausalLM(DeepseekConfig(**fields), device=device)
+    model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device)), strict=True)
     return model, tokenizer
 
 

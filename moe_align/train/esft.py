@@ -78,6 +78,9 @@ class ESFTTrainer(SFTTrainer):
 
     def setup_model(self) -> None:
         config = self.config
+        if config.fsdp:
+            raise ValueError("ESFT does not support fsdp=True (its expert gradient masks are per-parameter hooks "
+                             "that sharding would drop); use data parallelism")
         if config.weight_decay:
             raise ValueError("ESFT needs weight_decay=0: AdamW's decay would move the frozen experts")
         examples = self.examples()

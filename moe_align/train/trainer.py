@@ -175,7 +175,8 @@ class TokenLogprobs(nn.Module):
         self.model = model
 
     def forward(self, input_ids, cu_seqlens, max_seqlen: int, labels) -> torch.Tensor:
-        return self.model.token_logprobs(input_ids, cu_seqlens, max_seqlen, labels)[0]
+        logp = self.model.token_logprobs(input_ids, cu_seqlens, max_seqlen, labels)[0]
+        return logp.clone() if logp._is_view() else logp  # FSDP's backward hook needs a non-view output
 
 
 class MetricsLogger:
@@ -250,10 +251,11 @@ class Trainer:
         self.model.to(self.device)
         self.setup_model()
         self.loader = self.build_loader()
+        self.objective = self.wrap(TokenLogprobs(self.model))
+        # after wrapping: FSDP replaces the parameters by sharded ones
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError("no parameter of the model requires a gradient")
-        self.objective = self.wrap(TokenLogprobs(self.model))
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                            weight_decay=config.weight_decay)
         self.total_steps = self.compute_total_steps()
@@ -419,21 +421,37 @@ class Trainer:
     def checkpoint_dir(self, step: int | None = None) -> str:
         return os.path.join(self.output_dir, f"checkpoint-{self.step if step is None else step}")
 
+    @property
+    def sharded(self) -> bool:
+        return self.config.fsdp and self.dist.world_size > 1
+
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
-        if self.config.fsdp and self.dist.world_size > 1:
-            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
-        return state
+        """The full (unsharded) model state dict; all ranks call it."""
+        if not self.sharded:
+            return self.model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """The full optimizer state (gathered from the shards under FSDP); all ranks call it."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_checkpoint(self, directory: str | None = None) -> str:
         """Write the model, optimizer, schedule, step, data position and every RNG (all ranks call it)."""
         directory = directory or self.checkpoint_dir()
         tmp = directory.rstrip("/") + ".tmp"
         model_state = self.model_state_dict()
+        optimizer_state = self.optimizer_state_dict()
         if self.dist.is_main:
             ckpt.begin_checkpoint(directory)
             ckpt.save_model(self.model, tmp, self.config.tokenizer, model_state)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict()},
                        os.path.join(tmp, ckpt.OPTIMIZER_NAME))
             state = {"trainer": self.name, "step": self.step, "loader": self.loader.state_dict(),
                      "world_size": self.dist.world_size, "config": dataclasses.asdict(self.config),
@@ -455,10 +473,19 @@ class Trainer:
             raise ValueError(f"{directory!r} is a {state['trainer']!r} checkpoint, not {self.name!r}")
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"{directory!r} was written by {state['world_size']} processes; resume with as many")
-        model, _ = ckpt.load_model(directory, self.device)
-        self.model.load_state_dict(model.state_dict(), strict=True)
-        opt = torch.load(os.path.join(directory, ckpt.OPTIMIZER_NAME), map_location=self.device, weights_only=False)
-        self.optimizer.load_state_dict(opt["optimizer"])
+        model, _ = ckpt.load_model(directory, "cpu" if self.sharded else self.device)
+        opt = torch.load(os.path.join(directory, ckpt.OPTIMIZER_NAME), map_location="cpu" if self.sharded else self.device,
+                         weights_only=False)
+        if self.sharded:  # scatter the full tensors into this rank's shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, model.state_dict(), options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, opt["optimizer"], options=options)
+        else:
+            self.model.load_state_dict(model.state_dict(), strict=True)
+            self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
