@@ -12,6 +12,10 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Test shapes are tiny: one intra-op thread avoids OpenMP contention on small shared CI machines
+# (decoding loops ran 10x slower with two threads on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -39,19 +39,19 @@ class DemoConfig:
     seed: int = 0
     max_digits: int = 2  # operands of 1 .. max_digits digits
     train_problems: int = 4000
-    eval_problems: int = 200  # held-out problems for the accuracy after each stage
-    sft_steps: int = 550
+    eval_problems: int = 400  # held-out problems for the accuracy after each stage
+    sft_steps: int = 800
     sft_lr: float = 3e-3
     sft_batch_tokens: int = 1024
-    grpo_steps: int = 60
-    grpo_lr: float = 1e-4
+    grpo_steps: int = 40
+    grpo_lr: float = 2e-5
     group_size: int = 8
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     temperature: float = 1.0
     beta: float = 0.04
-    num_iterations: int = 1
+    num_iterations: int = 2
     rewards: dict = dataclasses.field(default_factory=lambda: {"exact_answer": 1.0, "format": 0.1})
-    eval_every: int = 20  # held-out accuracy during GRPO every N steps (0: only at the end)
+    eval_every: int = 10  # held-out accuracy during GRPO every N steps (0: only at the end)
     progress: bool = True
 
 

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch import nn
 
 from moe_align.models.deepseek import PRESETS, DeepseekConfig, DeepseekForCausalLM
@@ -251,7 +252,7 @@ class Trainer:
         self.model.to(self.device)
         self.setup_model()
         self.loader = self.build_loader()
-        self.objective = self.wrap(TokenLogprobs(self.model))
+        self.objective = self.wrap(self.build_objective())
         # after wrapping: FSDP replaces the parameters by sharded ones
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
@@ -274,6 +275,10 @@ class Trainer:
 
     def setup_model(self) -> None:
         """Called after the model is on its device, before the optimizer is built (freeze here)."""
+
+    def build_objective(self) -> nn.Module:
+        """The module whose forward carries the gradient (wrapped by DDP / FSDP): log-probs by default."""
+        return TokenLogprobs(self.model)
 
     def build_loader(self) -> Any:
         """An iterable of steps, each this rank's list of micro-batches, with state_dict()."""
@@ -408,7 +413,8 @@ class Trainer:
             last = metrics
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 self.metrics.log({"step": self.step, **metrics})
-                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "tokens_per_s", "lr") if k in metrics})
+                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "reward", "accuracy", "tokens_per_s", "lr")
+                                if k in metrics})
             bar.update(1)
             if config.save_every and self.step % config.save_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
@@ -473,7 +479,7 @@ class Trainer:
             raise ValueError(f"{directory!r} is a {state['trainer']!r} checkpoint, not {self.name!r}")
         if state["world_size"] != self.dist.world_size:
             raise ValueError(f"{directory!r} was written by {state['world_size']} processes; resume with as many")
-        model, _ = ckpt.load_model(directory, "cpu" if self.sharded else self.device)
+        weights = load_file(os.path.join(directory, ckpt.WEIGHTS_NAME), device="cpu" if self.sharded else str(self.device))
         opt = torch.load(os.path.join(directory, ckpt.OPTIMIZER_NAME), map_location="cpu" if self.sharded else self.device,
                          weights_only=False)
         if self.sharded:  # scatter the full tensors into this rank's shards
@@ -481,10 +487,10 @@ class Trainer:
                                                                  set_optimizer_state_dict)
 
             options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, model.state_dict(), options=options)
+            set_model_state_dict(self.model, weights, options=options)
             set_optimizer_state_dict(self.model, self.optimizer, opt["optimizer"], options=options)
         else:
-            self.model.load_state_dict(model.state_dict(), strict=True)
+            self.model.load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
         self.step = state["step"]
