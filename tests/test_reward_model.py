@@ -355,6 +355,9 @@ def test_reward_function_in_a_reward_mix(tmp_path):
         by_name = rewards.RewardMix({"rm_test_helpful": 0.5, "exact_answer": 2.0})(prompts, completions,
                                                                                     answer=["19", "19", "0"])
         assert by_name.total.tolist() == result.total.tolist()
+        key = "rm:" + str(tmp_path / "rm")  # a reward model named by its directory in a GRPO config
+        by_dir = rewards.RewardMix({key: 0.5, "exact_answer": 2.0})(prompts, completions, answer=["19", "19", "0"])
+        assert by_dir.per_function[key].tolist() == result.per_function["helpful"].tolist()
     finally:
         rewards._REGISTRY.clear()
         rewards._REGISTRY.update(saved)

@@ -104,11 +104,17 @@ def register_reward(name: str, fn: RewardFn | None = None, *, override: bool = F
 
 def get_reward(name_or_fn: str | RewardFn) -> RewardFn:
     """The registered function called ``name_or_fn``, or ``name_or_fn`` itself if it is callable.
-    Raises ValueError for an unknown name, listing the known ones."""
+    ``"rm:<directory>"`` loads (once) the reward model trained by ``moe-align rm`` in that
+    directory. Raises ValueError for an unknown name, listing the known ones."""
     if callable(name_or_fn):
         return name_or_fn
     if not isinstance(name_or_fn, str):
         raise TypeError(f"a reward is a registered name or a callable, got {type(name_or_fn).__name__}")
+    if name_or_fn.startswith("rm:") and name_or_fn not in _REGISTRY:
+        # a learned reward model by its directory, e.g. {"rm:runs/rm/checkpoint-500": 0.5}
+        from moe_align.train.rm import register_reward_model
+
+        return register_reward_model(name_or_fn, name_or_fn[3:])
     try:
         return _REGISTRY[name_or_fn]
     except KeyError:
