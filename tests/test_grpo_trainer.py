@@ -26,14 +26,6 @@ from oracle_grpo import (aggregate_oracle, combine_rewards_oracle, group_advanta
                          grpo_token_loss_oracle)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes: one thread is as fast, and far faster than two threads on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def length_reward(prompts, completions, **kwargs):
     return [len(c) / 10 for c in completions]

@@ -80,15 +80,6 @@ def assert_grads_close(patched, reference):
         torch.testing.assert_close(p.grad, ref, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and two spin-wait badly when another process
-    shares the CPU (this file measured 6 s vs 40 s on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def count_calls(monkeypatch):

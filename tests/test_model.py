@@ -13,10 +13,6 @@ def _torch_backend(backend):
     """The ops' kernels are tested against oracles in their own tests; the model's tests check the
     wiring on the PyTorch paths, which keeps them fast on a CPU (the Triton interpreter is slow)."""
     backend("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread avoids contention on a busy CI machine
-    yield
-    torch.set_num_threads(threads)
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,

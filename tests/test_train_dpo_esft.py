@@ -14,13 +14,6 @@ from moe_align.train.tokenizer import CharTokenizer
 TOK = CharTokenizer()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

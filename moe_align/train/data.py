@@ -258,14 +258,56 @@ class PackedBatch:
                            self.max_seqlen)
 
 
-class PackedLoader:
-    """Epochs of packed micro-batches, sharded over data-parallel ranks, with a resumable position.
+class ResumableLoader:
+    """Epochs of optimizer steps with a resumable position ``(epoch, step_in_epoch)``.
+
+    A subclass lists each epoch's global steps (:meth:`epoch_steps`, a pure function of the seed
+    and the epoch); rank ``r`` of ``world_size`` takes units ``r, r + world_size, ...`` of each
+    step, so the global batch of a step does not depend on the number of processes.
+    """
+
+    def __init__(self, *, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.epoch = 0
+        self.step_in_epoch = 0
+
+    def epoch_steps(self, epoch: int) -> list[list[Any]]:
+        """The global steps of ``epoch``, each a list of units (a multiple of ``world_size``)."""
+        raise NotImplementedError
+
+    def take(self, units: list[Any]) -> Any:
+        """This rank's units of a step -> what the trainer receives."""
+        return units
+
+    def steps_per_epoch(self) -> int:
+        return len(self.epoch_steps(0))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            steps = self.epoch_steps(self.epoch)
+            while self.step_in_epoch < len(steps):
+                units = steps[self.step_in_epoch]
+                self.step_in_epoch += 1
+                yield self.take(units[self.rank::self.world_size])
+            self.epoch += 1
+            self.step_in_epoch = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class PackedLoader(ResumableLoader):
+    """Epochs of packed micro-batches, sharded over data-parallel ranks (:class:`ResumableLoader`).
 
     Each epoch shuffles the items with ``seed + epoch``, packs them (:func:`pack_bins`) into bins of
     at most ``batch_tokens`` tokens and shuffles the bins. An optimizer step consumes
-    ``grad_accum * world_size`` bins: rank ``r`` gets bins ``r, r + world_size, ...`` of them, so the
-    global batch of a step is the same whatever the split between processes and accumulation.
-    An epoch's bins beyond a whole number of steps are dropped.
+    ``grad_accum * world_size`` bins, rank ``r`` the bins ``r, r + world_size, ...`` of them. An
+    epoch's bins beyond a whole number of steps are dropped.
 
     ``items`` are :class:`Example` s or :class:`PreferencePair` s (anything with ``len``);
     iterating yields, per step, this rank's list of ``grad_accum`` bins, each a list of items.
@@ -273,21 +315,15 @@ class PackedLoader:
 
     def __init__(self, items: Sequence[Any], batch_tokens: int, *, grad_accum: int = 1, world_size: int = 1,
                  rank: int = 0, seed: int = 0) -> None:
+        super().__init__(world_size=world_size, rank=rank, seed=seed)
         if not items:
             raise DatasetError("the dataset is empty")
         if batch_tokens < max(len(item) for item in items):
             raise ValueError(f"batch_tokens={batch_tokens} is smaller than the longest item "
                              f"({max(len(item) for item in items)} tokens)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.items = items
         self.batch_tokens = batch_tokens
         self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.step_in_epoch = 0
         if self.steps_per_epoch() == 0:
             raise DatasetError(f"the dataset packs into {len(self._bins(0))} micro-batches of {batch_tokens} tokens, "
                                f"fewer than one step needs (grad_accum * world_size = {grad_accum * world_size})")
@@ -300,22 +336,10 @@ class PackedLoader:
         rng.shuffle(bins)
         return bins
 
-    def steps_per_epoch(self) -> int:
-        return len(self._bins(0)) // (self.grad_accum * self.world_size)
+    def epoch_steps(self, epoch: int) -> list[list[list[int]]]:
+        bins = self._bins(epoch)
+        per_step = self.grad_accum * self.world_size
+        return [bins[i * per_step:(i + 1) * per_step] for i in range(len(bins) // per_step)]
 
-    def __iter__(self) -> Iterator[list[list[Any]]]:
-        while True:
-            bins = self._bins(self.epoch)
-            per_step = self.grad_accum * self.world_size
-            while self.step_in_epoch < len(bins) // per_step:
-                step_bins = bins[self.step_in_epoch * per_step:(self.step_in_epoch + 1) * per_step]
-                self.step_in_epoch += 1
-                yield [[self.items[i] for i in b] for b in step_bins[self.rank::self.world_size]]
-            self.epoch += 1
-            self.step_in_epoch = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+    def take(self, bins: list[list[int]]) -> list[list[Any]]:
+        return [[self.items[i] for i in b] for b in bins]

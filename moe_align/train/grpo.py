@@ -48,14 +48,15 @@ import math
 import os
 import random
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from moe_align.modules.moe import update_correction_biases_
 from moe_align.ops.grpo import LOSS_AGGREGATIONS, group_advantages, grpo_loss
 from moe_align.ops.logprobs import linear_logprobs
-from moe_align.train.data import IGNORE_INDEX, DatasetError, Example, PackedBatch, load_prompt_dataset
+from moe_align.train.data import (IGNORE_INDEX, DatasetError, Example, PackedBatch, ResumableLoader,
+                                  load_prompt_dataset)
 from moe_align.train.rewards import ON_ERROR, RewardError, RewardMix, RewardResult
 from moe_align.train.rollout import FINISH_STOP, PolicyRolloutEngine, Rollout, RolloutEngine
 from moe_align.train.trainer import TrainConfig, Trainer
@@ -140,16 +141,17 @@ class PromptItem:
     prompt_ids: list[int]
 
 
-class PromptLoader:
-    """Epochs of prompts, ``prompts_per_step`` per step over all ranks, with a resumable position.
+class PromptLoader(ResumableLoader):
+    """Epochs of prompts, ``prompts_per_step`` per step over all ranks (:class:`ResumableLoader`).
 
     Each epoch shuffles the prompts with ``seed + epoch`` and cuts them into steps; rank ``r`` gets
-    prompts ``r, r + world_size, ...`` of a step, so the global batch of a step does not depend on
-    the number of processes. An epoch's prompts beyond a whole number of steps are dropped.
+    prompts ``r, r + world_size, ...`` of a step. An epoch's prompts beyond a whole number of steps
+    are dropped.
     """
 
     def __init__(self, items: Sequence[PromptItem], prompts_per_step: int, *, world_size: int = 1, rank: int = 0,
                  seed: int = 0) -> None:
+        super().__init__(world_size=world_size, rank=rank, seed=seed)
         if isinstance(prompts_per_step, bool) or not isinstance(prompts_per_step, int) or prompts_per_step < 1:
             raise ValueError(f"prompts_per_step must be a positive int, got {prompts_per_step!r}")
         if prompts_per_step % world_size:
@@ -158,34 +160,15 @@ class PromptLoader:
             raise DatasetError(f"the dataset has {len(items)} prompts, fewer than prompts_per_step={prompts_per_step}")
         self.items = items
         self.prompts_per_step = prompts_per_step
-        self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.epoch = 0
-        self.step_in_epoch = 0
 
-    def steps_per_epoch(self) -> int:
-        return len(self.items) // self.prompts_per_step
-
-    def _order(self, epoch: int) -> list[int]:
+    def epoch_steps(self, epoch: int) -> list[list[int]]:
         order = list(range(len(self.items)))
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        n = self.prompts_per_step
+        return [order[i * n:(i + 1) * n] for i in range(len(order) // n)]
 
-    def __iter__(self) -> Iterator[list[PromptItem]]:
-        while True:
-            order = self._order(self.epoch)
-            n = self.prompts_per_step
-            while self.step_in_epoch < self.steps_per_epoch():
-                step = order[self.step_in_epoch * n:(self.step_in_epoch + 1) * n]
-                self.step_in_epoch += 1
-                yield [self.items[i] for i in step[self.rank::self.world_size]]
-            self.epoch += 1
-            self.step_in_epoch = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+    def take(self, indices: list[int]) -> list[PromptItem]:
+        return [self.items[i] for i in indices]
 
 
 def builtin_prompt_records(n: int = BUILTIN_PROMPTS, seed: int = 1, split: str = "train") -> list[dict]:
