@@ -20,6 +20,13 @@ import moe_align.kernels.linear_logprobs  # noqa: E402,F401
 import moe_align.kernels.mla_attention  # noqa: E402,F401
 import moe_align.kernels.mla_decode  # noqa: E402,F401
 import moe_align.models  # noqa: E402,F401
+# The trainer layer and its command line ship too.
+import moe_align.integrations.hf  # noqa: E402,F401
+from moe_align.train.cli import TRAINERS, _trainer_class  # noqa: E402
+
+for command in TRAINERS:
+    _trainer_class(command)
+import moe_align.train.demo  # noqa: E402,F401
 
 torch.manual_seed(0)
 tokens, hidden, inter, experts, top_k = 5, 32, 16, 4, 2
