@@ -351,11 +351,17 @@ class DeepseekForCausalLM(nn.Module):
         cache = MLACache.for_config(self.config, len(self.model.layers), max(num_blocks, 1),
                                     block_size=block_size, dtype=weight.dtype, device=weight.device)
         seq_ids = [cache.add_sequence() for _ in prompts]
-        last = []
-        for sid, p in zip(seq_ids, prompts):
-            cache.begin_step([sid], len(p))
-            last.append(self._cached_step(torch.tensor([p], device=weight.device), cache))
-        tokens = self._next_tokens(torch.cat(last), temperature, top_p, generator).tolist()
+        # Prefill the prompts of each length together (a decode step takes the same number of new
+        # tokens for every sequence): one pass for all the copies of a prompt in a GRPO group.
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        last = torch.empty(len(prompts), self.config.hidden_size, dtype=weight.dtype, device=weight.device)
+        for length, indices in by_length.items():
+            cache.begin_step([seq_ids[i] for i in indices], length)
+            ids = torch.tensor([prompts[i] for i in indices], device=weight.device)
+            last[indices] = self._cached_step(ids, cache)
+        tokens = self._next_tokens(last, temperature, top_p, generator).tolist()
         active = list(range(len(prompts)))
         for step in range(max_new_tokens):
             still = []
