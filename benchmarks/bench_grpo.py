@@ -303,7 +303,9 @@ def trl_runner(fields: dict, w: Workload, device: torch.device, bf16: bool, tmp:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {"step": statistics.median(timer.times), "peak_mib": timer.peak.mib, "total_mib": timer.peak.total_mib,
-            "generated": float(lengths[-1]) * w.prompts * w.group if lengths else None}
+            "generated": float(lengths[-1]) * w.prompts * w.group if lengths else None,
+            "info": f"TRL {trl.__version__}, loss_type {args.loss_type}, "
+                    f"optim {getattr(args.optim, 'value', args.optim)}"}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -548,6 +550,7 @@ def main(argv=None) -> int:
             print("TRL not installed: skipped", file=sys.stderr)
     rows: list[dict] = []
     interleaved_shapes = []
+    trl_info: set[str] = set()
     with tqdm(total=len(shapes) * len(providers), desc="bench_grpo", unit="run", file=sys.stderr) as progress:
         for shape in shapes:
             fields = shape_fields(shape, device.type, args.v2_lite_layers)
@@ -570,6 +573,7 @@ def main(argv=None) -> int:
                     print(f"\n{shape} {provider}: {r['error']}", file=sys.stderr)
                     row["provider"] = provider + " (failed)"
                 elif provider == "trl":
+                    trl_info.add(r.get("info", ""))
                     row.update({"step s": r["step"], "peak MiB": r["peak_mib"], "total MiB": r.get("total_mib"),
                                 "new tok": None if r["generated"] is None else int(r["generated"])})
                 else:
@@ -607,6 +611,8 @@ def main(argv=None) -> int:
         "mostly 0 and completions run to max_new_tokens; the work per step is that of a real step",
     ]
     notes += skipped
+    notes += [f"trl: {info}; group size, completion length, beta, clip range, lr and betas as above"
+              for info in sorted(trl_info) if info]
     sequential = [s for s in shapes if s not in interleaved_shapes]
     where = "each model freed before the next is built" if args.isolate == "none" else "each in a fresh process"
     notes.append("providers timed round-robin (one step each per round, all models built): "
