@@ -47,8 +47,10 @@ def is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_NAME)) and os.path.isfile(os.path.join(path, WEIGHTS_NAME))
 
 
-def load_model(directory: str, device: torch.device | str = "cpu") -> tuple[DeepseekForCausalLM, str]:
-    """``(model, tokenizer name)`` from a directory written by :func:`save_model` (strict load)."""
+def load_model(directory: str, device: torch.device | str = "cpu",
+               model_class: type = DeepseekForCausalLM) -> tuple[Any, str]:
+    """``(model, tokenizer name)`` from a directory written by :func:`save_model` (strict load);
+    ``model_class(config, device=...)`` builds the model (e.g. a reward model)."""
     if not is_model_dir(directory):
         raise FileNotFoundError(f"{directory!r} is not a model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
     with open(os.path.join(directory, CONFIG_NAME)) as f:
@@ -56,7 +58,7 @@ def load_model(directory: str, device: torch.device | str = "cpu") -> tuple[Deep
     tokenizer = fields.pop("tokenizer", "char")
     # Built on the device rather than on "meta": the rotary tables are non-persistent buffers that
     # the state dict does not carry.
-    model = DeepseekForCausalLM(DeepseekConfig(**fields), device=device)
+    model = model_class(DeepseekConfig(**fields), device=device)
     model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device)), strict=True)
     return model, tokenizer
 

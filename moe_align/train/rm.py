@@ -40,7 +40,6 @@ coefficient ``c_k`` (eq. 36).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -222,35 +221,14 @@ class RewardModel(nn.Module):
         if not is_reward_model_dir(directory):
             raise ValueError(f"{directory!r} holds a causal LM, not a reward model (no {HEAD_KEY!r}); start a reward "
                              f"model from it with RewardModel(load_causal_lm(directory)) or `moe-align rm --model`")
-        config, tokenizer, state = _read_model_dir(directory, device)
-        model = cls(config, device=device)
-        model.load_state_dict(state, strict=True)
+        model, tokenizer = ckpt.load_model(directory, device, model_class=cls)
         model.tokenizer_name = tokenizer
         return model
 
 
-def _read_model_dir(directory: str, device: torch.device | str) -> tuple[DeepseekConfig, str, dict]:
-    """``(config, tokenizer name, state dict)`` of a model directory. (The model is then built
-    on ``device`` and the state copied in: a model built on the meta device and loaded with
-    ``assign=True`` would keep its non-persistent buffers, e.g. the rotary frequencies, on meta.)"""
-    from safetensors.torch import load_file
-
-    with open(os.path.join(directory, ckpt.CONFIG_NAME)) as f:
-        fields = json.load(f)
-    tokenizer = fields.pop("tokenizer", "char")
-    state = load_file(os.path.join(directory, ckpt.WEIGHTS_NAME), device=str(device))
-    return DeepseekConfig(**fields), tokenizer, state
-
-
 def load_causal_lm(directory: str, device: torch.device | str = "cpu") -> DeepseekForCausalLM:
     """The causal LM of a model directory (e.g. an SFT checkpoint), to start a reward model from."""
-    if not ckpt.is_model_dir(directory):
-        raise FileNotFoundError(f"{directory!r} is not a model directory (needs {ckpt.CONFIG_NAME} and "
-                                f"{ckpt.WEIGHTS_NAME})")
-    config, _, state = _read_model_dir(directory, device)
-    model = DeepseekForCausalLM(config, device=device)
-    model.load_state_dict(state, strict=True)
-    return model
+    return ckpt.load_model(directory, device)[0]
 
 
 def is_reward_model_dir(path: str) -> bool:
