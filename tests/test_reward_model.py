@@ -110,7 +110,7 @@ def test_trainer_loss_is_the_mean_over_all_pairs_of_the_step(tmp_path):
     total, pairs, metrics = 0.0, [], []
     with torch.no_grad():
         for mb in step:
-            loss, m = trainer.compute_loss(mb, step)
+            loss, m = trainer.compute_loss(mb, trainer.loss_denominator(step))
             total += float(loss)
             pairs += mb
             metrics.append(m)
@@ -134,7 +134,7 @@ def test_pointwise_trainer_loss_and_labels(tmp_path):
     trainer = RewardModelTrainer(rm_config(tmp_path, data=data, loss="pointwise"))
     step = next(iter(trainer.loader))
     with torch.no_grad():
-        loss, metrics = trainer.compute_loss(step[0], step)
+        loss, metrics = trainer.compute_loss(step[0], trainer.loss_denominator(step))
         rewards = [float(trainer.model(*DeepseekForCausalLM.pack([e.example.input_ids]))) for e in step[0]]
     labels = [e.label for e in step[0]]
     assert sorted(labels) == [0.0, 0.25, 1.0]
@@ -145,7 +145,7 @@ def test_pointwise_trainer_loss_and_labels(tmp_path):
     trainer = RewardModelTrainer(rm_config(tmp_path, data=scores, loss="pointwise", pointwise_target="regression"))
     step = next(iter(trainer.loader))
     with torch.no_grad():
-        loss, metrics = trainer.compute_loss(step[0], step)
+        loss, metrics = trainer.compute_loss(step[0], trainer.loss_denominator(step))
         rewards = [float(trainer.model(*DeepseekForCausalLM.pack([e.example.input_ids]))) for e in step[0]]
     assert float(loss) == pytest.approx(oracle_mse(rewards, [e.label for e in step[0]]), rel=1e-5)
     assert "accuracy" not in metrics

@@ -53,7 +53,7 @@ def test_dpo_raises_the_margin_and_matches_a_hand_computation(tmp_path):
     u = [0.5 * ((policy[2 * i] - ref[2 * i]) - (policy[2 * i + 1] - ref[2 * i + 1])) for i in range(len(batch_pairs))]
     expected = sum(-torch.nn.functional.logsigmoid(torch.tensor(x, dtype=torch.float64)) for x in u) / len(u)
     trainer.optimizer.zero_grad()
-    loss, metrics = trainer.compute_loss(batch_pairs, [batch_pairs])
+    loss, metrics = trainer.compute_loss(batch_pairs, trainer.loss_denominator([batch_pairs]))
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 

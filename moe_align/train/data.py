@@ -99,6 +99,11 @@ class Example:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def num_targets(self) -> int:
+        """Labels kept as next-token targets (the first token has no previous one to predict it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 def render_messages(messages: list[dict[str, Any]], tokenizer: Tokenizer, source: str) -> list[tuple[str, bool]]:
     """Chat messages -> text segments, each flagged as trained on (the assistant's replies).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -70,9 +70,10 @@ class DPOTrainer(Trainer):
             self.reference.to("cpu")
         return logp
 
-    def compute_loss(self, micro_batch: Sequence[PreferencePair], step_batches: Sequence[Any]) -> tuple[torch.Tensor, dict]:
-        if micro_batch is step_batches[0]:
-            self._pairs = max(self.global_sum(sum(len(mb) for mb in step_batches)), 1.0) / self.dist.world_size
+    def count_units(self, micro_batch: Sequence[PreferencePair]) -> int:
+        return len(micro_batch)
+
+    def compute_loss(self, micro_batch: Sequence[PreferencePair], denominator: float) -> tuple[torch.Tensor, dict]:
         n = len(micro_batch)
         batch = PackedBatch.from_examples([p.chosen for p in micro_batch] + [p.rejected for p in micro_batch])
         batch = batch.to(self.device)
@@ -82,7 +83,7 @@ class DPOTrainer(Trainer):
                                  label_smoothing=self.config.label_smoothing)
         sums = {"loss": loss.detach() * n, "_count": n, "num_tokens": batch.input_ids.numel()}
         sums.update({k.replace("rewards/", "reward_"): v * n for k, v in metrics.items()})
-        return loss * n / self._pairs, sums
+        return loss * n / denominator, sums
 
 
 def builtin_preference_records(n: int = 1000, seed: int = 0) -> list[dict]:

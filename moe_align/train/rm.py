@@ -474,11 +474,10 @@ class RewardModelTrainer(Trainer):
 
     # ---- loss ------------------------------------------------------------------------------------
 
-    def compute_loss(self, micro_batch: Sequence[Any], step_batches: Sequence[Any]) -> tuple[torch.Tensor, dict]:
-        if micro_batch is step_batches[0]:
-            local = sum(len(mb) for mb in step_batches)
-            # DDP averages gradients over ranks: scale so that the result is the global mean
-            self._denominator = max(self.global_sum(local), 1.0) / self.dist.world_size
+    def count_units(self, micro_batch: Sequence[Any]) -> int:
+        return len(micro_batch)  # pairs, or point-wise examples
+
+    def compute_loss(self, micro_batch: Sequence[Any], denominator: float) -> tuple[torch.Tensor, dict]:
         n = len(micro_batch)
         if self.config.loss == "pairwise":
             batch = PackedBatch.from_examples([p.chosen for p in micro_batch] + [p.rejected for p in micro_batch])
@@ -499,7 +498,7 @@ class RewardModelTrainer(Trainer):
                 metrics["accuracy"] = ((rewards.detach() > 0) == (labels >= 0.5)).sum()
         loss = losses.sum()
         metrics.update(loss=loss.detach(), _count=n, num_tokens=batch.input_ids.numel())
-        return loss / self._denominator, metrics
+        return loss / denominator, metrics
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ Defaults follow the seed: AdamW at a constant learning rate of 1e-5, no dropout.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -47,16 +47,15 @@ class SFTTrainer(Trainer):
         return PackedLoader(self.examples(), config.batch_tokens, grad_accum=config.grad_accum,
                             world_size=self.dist.world_size, rank=self.dist.rank, seed=config.seed)
 
-    def compute_loss(self, micro_batch: Sequence[Any], step_batches: Sequence[Any]) -> tuple[torch.Tensor, dict]:
-        if micro_batch is step_batches[0]:
-            local = sum(PackedBatch.from_examples(mb).num_targets for mb in step_batches)
-            # DDP averages gradients over ranks: scale so that the result is the global token mean
-            self._denominator = max(self.global_sum(local), 1.0) / self.dist.world_size
+    def count_units(self, micro_batch: Sequence[Example]) -> int:
+        return sum(example.num_targets for example in micro_batch)
+
+    def compute_loss(self, micro_batch: Sequence[Example], denominator: float) -> tuple[torch.Tensor, dict]:
         batch = PackedBatch.from_examples(micro_batch).to(self.device)
         logp = self.token_logprobs(batch)
         nll = -logp.sum()
         metrics = {"loss": nll.detach(), "_count": batch.num_targets, "num_tokens": batch.input_ids.numel()}
-        return nll / self._denominator, metrics
+        return nll / denominator, metrics
 
 
 def builtin_sft_records(n: int = 2000, seed: int = 0) -> list[dict]:

@@ -284,10 +284,21 @@ class Trainer:
         """An iterable of steps, each this rank's list of micro-batches, with state_dict()."""
         raise NotImplementedError
 
-    def compute_loss(self, micro_batch: Any, step_batches: Sequence[Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch (normalised over the global batch) and its metrics
-        (summed over micro-batches and ranks, then divided by the step's ``"_count"`` metric
-        if present)."""
+    def count_units(self, micro_batch: Any) -> int:
+        """How many of the units a step's loss is a mean over (targets, pairs, ...) one micro-batch holds."""
+        raise NotImplementedError
+
+    def loss_denominator(self, micro_batches: Sequence[Any]) -> float:
+        """The step's units over all its micro-batches and ranks, divided by the world size (DDP
+        averages gradients over ranks), so that per-micro-batch loss sums divided by it add up to
+        the mean over the global batch."""
+        local = sum(self.count_units(mb) for mb in micro_batches)
+        return max(self.global_sum(local), 1.0) / self.dist.world_size
+
+    def compute_loss(self, micro_batch: Any, denominator: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch, its sum over units divided by ``denominator``
+        (:meth:`loss_denominator`), and its metrics (summed over micro-batches and ranks, then
+        divided by the step's ``"_count"`` metric if present)."""
         raise NotImplementedError
 
     def compute_total_steps(self) -> int:
@@ -367,9 +378,10 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
+        denominator = self.loss_denominator(micro_batches)
         for i, mb in enumerate(micro_batches):
             with self.no_sync(last=i == len(micro_batches) - 1):
-                loss, metrics = self.compute_loss(mb, micro_batches)
+                loss, metrics = self.compute_loss(mb, denominator)
                 loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
