@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from moe_align.ops._backend import triton_available
+from moe_align.ops._memory import MIN_ADVISED_BYTES, new_empty_huge_pages
 from moe_align.ops.fused_moe import fused_experts
 from oracle_experts import experts_oracle_with_grads
 from conftest import requires_cuda
@@ -75,6 +76,7 @@ CASES = [
     (7, 32, 24, 5, 2),
     (33, 40, 48, 8, 3),  # odd hidden size, several column tiles
     (33, 32, 16, 1, 1),  # a single expert
+    (150, 32, 16, 1, 1),  # more rows per expert than the CPU path's small-GEMM layout takes
 ]
 
 TRITON_CASES = [
@@ -118,6 +120,29 @@ def test_edge_layouts(use_backend, backend_name):
     grads = run_and_check(*make_inputs(12, 32, 16, 8, 2, dtype, seed=2, ids=ids, device=device), dtype)
     for grad in grads[1:3]:
         assert torch.count_nonzero(grad[[0, 2, 7]]) == 0
+
+
+def test_weight_gradients_in_huge_page_buffers(use_backend):
+    """Weight gradients large enough for the CPU path's huge-page buffers (>= 32 MiB): still
+    exact zeros for the expert without tokens and the oracle's values for the others."""
+    use_backend("torch")
+    g = torch.Generator().manual_seed(5)
+    ids = distinct_ids(5, 2, 4, g, skip=(1,))
+    inputs = make_inputs(5, 1024, 1024, 4, 2, torch.float32, seed=5, ids=ids)
+    assert inputs[1].numel() * 4 >= MIN_ADVISED_BYTES
+    grads = run_and_check(*inputs, torch.float32)
+    for grad in grads[1:3]:
+        assert torch.count_nonzero(grad[1]) == 0
+
+
+@pytest.mark.parametrize("shape", [(3,), (4096, 2048 + 1), (0, 5)])
+def test_new_empty_huge_pages(shape):
+    like = torch.ones(2, dtype=torch.float64)
+    out = new_empty_huge_pages(like, shape, dtype=torch.float32)
+    assert out.shape == shape and out.dtype == torch.float32 and out.is_contiguous()
+    out.fill_(2.5)
+    assert torch.all(out == 2.5)
+    assert torch.all(like == 1)
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])

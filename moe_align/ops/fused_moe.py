@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_align.ops._backend import backend_for, triton_available
+from moe_align.ops._memory import new_empty_huge_pages
 from moe_align.ops._native import has_cuda_kernels, load_native
 from moe_align.ops.moe_align_block_size import max_num_tokens_padded, moe_align_block_size_torch
 
@@ -24,6 +25,9 @@ __all__ = ["fused_experts", "fused_experts_torch", "fused_experts_backward_torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest layout block size the Triton path uses (kernels/fused_moe.py: block_m_for).
 MAX_BLOCK_M = 64
+# CPU BLAS computes an expert's ``x @ W^T`` for a few rows 1.5-3x faster as ``W @ x^T`` into a
+# [N, rows] buffer (then transposed) than straight into [rows, N]; from ~256 rows on, not.
+SMALL_GEMM_ROWS = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +49,15 @@ class _ExpertRuns:
             if count:
                 self.runs.append((expert, start, start + count))
             start += count
-        self.unused = [e for e, count in enumerate(counts) if count == 0]
+        # Maximal ranges [first, last) of consecutive experts without pairs.
+        self.unused_ranges = []
+        for expert, count in enumerate(counts):
+            if count:
+                continue
+            if self.unused_ranges and self.unused_ranges[-1][1] == expert:
+                self.unused_ranges[-1][1] = expert + 1
+            else:
+                self.unused_ranges.append([expert, expert + 1])
 
     def to_pair_order(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """Rows in expert order -> rows by flat pair index."""
@@ -57,6 +69,14 @@ class _ExpertRuns:
         """``out[t] = sum_k row of pair t*K + k`` (float32 sum, deterministic: no index_add)."""
         rows = self.to_pair_order(sorted_rows)
         return rows.view(num_tokens, -1, rows.shape[-1]).sum(dim=1, dtype=torch.float32).to(dtype)
+
+
+def _mm_weight_t(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x @ weight^T`` (an expert's rows through one of its projections)."""
+    if x.device.type == "cpu" and 1 < x.shape[0] <= SMALL_GEMM_ROWS:
+        out.copy_(torch.mm(weight, x.t()).t())
+    else:
+        torch.mm(x, weight.t(), out=out)
 
 
 def _swiglu(gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,12 +106,12 @@ def fused_experts_torch(
     x = hidden_states.index_select(0, runs.token)
     gu = hidden_states.new_empty((num_pairs, two_inter))
     for e, a, b in runs.runs:
-        torch.mm(x[a:b], gate_up_proj[e].t(), out=gu[a:b])
+        _mm_weight_t(x[a:b], gate_up_proj[e], gu[a:b])
     g, u = gu.chunk(2, dim=-1)
     act = F.silu(g.float()).mul_(u).to(dtype) if dtype != torch.float32 else F.silu(g) * u
     y = hidden_states.new_empty((num_pairs, hidden))
     for e, a, b in runs.runs:
-        torch.mm(act[a:b], down_proj[e].t(), out=y[a:b])
+        _mm_weight_t(act[a:b], down_proj[e], y[a:b])
     weights = topk_weights.reshape(-1)[runs.order].float().unsqueeze(1)
     y = y * weights if dtype == torch.float32 else y.float() * weights
     out = runs.sum_over_topk(y, num_tokens, dtype)
@@ -120,15 +140,15 @@ def fused_experts_backward_torch(
     dtype = hidden_states.dtype
     new = hidden_states.new_empty
     dx = new((num_tokens, hidden)) if need_x else None
-    dgate_up = new((num_experts, two_inter, hidden)) if need_gate_up else None
-    ddown = new((num_experts, hidden, inter)) if need_down else None
+    # The weight gradients are written in full right away (zeros for experts without pairs).
+    dgate_up = new_empty_huge_pages(hidden_states, (num_experts, two_inter, hidden)) if need_gate_up else None
+    ddown = new_empty_huge_pages(hidden_states, (num_experts, hidden, inter)) if need_down else None
     dweights = topk_weights.new_empty(topk_weights.shape) if need_weights else None
     runs = _ExpertRuns(topk_ids, num_experts)
     # Experts without pairs get exact zeros; the others are overwritten below.
-    unused = torch.tensor(runs.unused, dtype=torch.long, device=hidden_states.device)
     for grad in (dgate_up, ddown):
-        if grad is not None and runs.unused:
-            grad.index_fill_(0, unused, 0)
+        for first, last in runs.unused_ranges if grad is not None else ():
+            grad[first:last].zero_()
     if num_tokens == 0:
         for grad in (dx, dweights):
             if grad is not None:
