@@ -271,8 +271,14 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
                     + (" (target <= 5% at the V3 vocabulary)" if need else ""))
         if device.type != "cuda":
             if mine and naive:
+                # Without stored logits the backward recomputes them: 4 matmuls of N x H x V
+                # against naive's 3. Where matmuls run at the CPU's peak, naive's memory passes
+                # would have to cost a whole matmul for the fused op to catch up.
+                bound = (f"; bound without stored logits: naive / (4/3 x the 3-matmul floor) = "
+                         f"{naive['ms'] / (floor['ms'] * 4 / 3):.2f}x, ours at "
+                         f"{mine['ms'] / (floor['ms'] * 4 / 3):.2f}x the 4-matmul floor") if floor else ""
                 verdict(naive["ms"] >= mine["ms"], f"CPU {label}: fwd+bwd {mine['ms']:.0f} ms vs naive {naive['ms']:.0f} ms "
-                                                   f"= {naive['ms'] / mine['ms']:.2f}x (target >= 1x)")
+                                                   f"= {naive['ms'] / mine['ms']:.2f}x (target >= 1x{bound})")
             continue
         if mine and floor:
             ratio = mine["ms"] / floor["ms"]

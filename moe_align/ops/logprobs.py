@@ -13,6 +13,7 @@ import math
 import torch
 
 from moe_align.ops._backend import backend_for, triton_available
+from moe_align.ops._memory import new_empty_huge_pages
 
 __all__ = ["linear_logprobs"]
 
@@ -73,8 +74,8 @@ def linear_logprobs_torch(
     weight32 = weight.float()
     inv_temp = 1.0 / temperature
     # One logits buffer for all chunks (fresh large allocations would page-fault every chunk).
-    buffer = hidden.new_empty(max(MIN_GEMM_ROWS, min(chunk_size, rows.numel())), weight.shape[0],
-                              dtype=torch.float32)
+    buffer = new_empty_huge_pages(hidden, (max(MIN_GEMM_ROWS, min(chunk_size, rows.numel())), weight.shape[0]),
+                                  dtype=torch.float32)
     for start in range(0, rows.numel(), chunk_size):
         idx = rows[start:start + chunk_size]
         n = idx.numel()
@@ -119,7 +120,7 @@ def linear_logprobs_backward_torch(
     num_tokens, hidden_size = hidden.shape
     vocab = weight.shape[0]
     grad_hidden = torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_weight = new_empty_huge_pages(weight, weight.shape) if need_weight else weight.new_empty(0)
     rows = _valid_rows(targets, ignore_index)
     rows = torch.arange(num_tokens, device=hidden.device) if rows is None else rows
     num_valid = rows.numel()
@@ -136,7 +137,7 @@ def linear_logprobs_backward_torch(
     inv_temp = 1.0 / temperature
     grad_h = torch.zeros(num_valid, hidden_size, device=hidden.device, dtype=torch.float32) if need_hidden else None
     cols = min(vocab, max(1, budget_elems // num_valid))
-    buffer = hidden.new_empty(num_valid * cols, dtype=torch.float32)  # reused by every chunk
+    buffer = new_empty_huge_pages(hidden, (num_valid * cols,), dtype=torch.float32)  # reused by every chunk
     token = torch.arange(num_valid, device=hidden.device)
     direct_dw = need_weight and weight.dtype == torch.float32
     for start in range(0, vocab, cols):
