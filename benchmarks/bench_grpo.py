@@ -501,19 +501,7 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=PROVIDERS)
     p.add_argument("--reps", type=int, help="at most this many timed steps after one warm-up step (default: "
                    "CPU 3, GPU 5; quick 1)")
-    p.add_argument("--budget", type=float, default=15.0,
-                   help="stop timing after this many seconds of steps (at least one step; default 15)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
-    p.add_argument("--interleave-gib", type=float, default=4.0,
-                   help="time the providers of a shape round-robin when their models, gradients and AdamW "
-                        "moments together fit in this many GiB (default 4), else one after the other")
-    p.add_argument("--isolate", choices=["auto", "all", "none"], default="auto",
-                   help="run a (shape, provider) in a fresh process: auto (default) for the shapes too large to "
-                        "interleave, all, or none (each model freed in this process before the next is built)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per fresh process")
-    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
-    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_step_arguments(p, budget=15.0)
     return p.parse_args(argv)
 
 

@@ -308,8 +308,7 @@ def parse_args(argv=None):
     p.add_argument("--ignored", type=float, default=0.0,
                    help="fraction of tokens with target ignore_index (prompt / padding; default 0)")
     p.add_argument("--providers", nargs="+", help="only these providers (names as in the table)")
-    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
-    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    common.add_output_arguments(p)
     return p.parse_args(argv)
 
 

@@ -425,8 +425,7 @@ def parse_args(argv=None):
                    help="default: decode prefill on CUDA, module-decode module-train on the CPU")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 gives steadier "
                    "numbers on a shared machine, where small multi-threaded ops wait for busy cores)")
-    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
-    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    common.add_output_arguments(p)
     return p.parse_args(argv)
 
 

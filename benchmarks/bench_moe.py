@@ -420,8 +420,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", choices=["gate", "align", "moe"], default=["gate", "align", "moe"])
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--transformers", action="store_true", help="also time transformers' DeepseekV2Moe/V3MoE")
-    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
-    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    common.add_output_arguments(p)
     return p.parse_args(argv)
 
 

@@ -8,6 +8,7 @@ several providers round-robin so that load from other processes does not favour 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime
@@ -308,3 +309,28 @@ def report(title: str, meta: dict[str, str], notes: Sequence[str], rows: Sequenc
         write_markdown(markdown, title, meta, [*notes, *(f"target: {line}" for line in verdicts)], rows, columns)
     if csv:
         write_csv(csv, meta, rows, columns)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """``--markdown`` and ``--csv``: where :func:`report` writes the table."""
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+
+
+def add_step_arguments(p: argparse.ArgumentParser, budget: float) -> None:
+    """Timing and process options of the whole-step benchmarks (bench_train, bench_grpo)."""
+    p.add_argument("--budget", type=float, default=budget,
+                   help=f"stop timing after this many seconds of steps (at least one step; default {budget:g})")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 with --quick)")
+    p.add_argument("--interleave-gib", type=float, default=4.0,
+                   help="time the providers of a shape round-robin when their weights, gradients and AdamW "
+                        "moments together fit in this many GiB (default 4), else one after the other")
+    p.add_argument("--isolate", choices=["auto", "all", "none"], default="auto",
+                   help="run a (shape, provider) in a fresh process: auto (default) for the shapes too large to "
+                        "interleave, all, or none (each model freed in this process before the next is built)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per fresh process")
+    add_output_arguments(p)
+    p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -19,6 +19,20 @@ torch.set_num_threads(1)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def interrupt_during_step(trainer, step: int) -> None:
+    """Make ``trainer.train()`` raise KeyboardInterrupt when it starts step ``step`` (1-based), as
+    if the process were killed then; the steps before it run as usual."""
+    real_step, calls = trainer.train_step, []
+
+    def interrupted(step_batches):
+        if len(calls) == step - 1:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(step_batches)
+
+    trainer.train_step = interrupted
+
+
 @pytest.fixture
 def backend(monkeypatch):
     """Force a backend for the duration of a test: ``backend("torch")``."""

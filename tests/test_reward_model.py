@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import interrupt_during_step
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train import checkpoint as ckpt
@@ -265,15 +266,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight = RewardModelTrainer(rm_config(tmp_path / "a", **kw))
     straight.train()
     first = RewardModelTrainer(rm_config(tmp_path / "b", save_every=2, **kw))
-    real_step, calls = first.train_step, []
-
-    def interrupted(step_batches):
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed during step 4; checkpoint-2 is the latest on disk
-        calls.append(1)
-        return real_step(step_batches)
-
-    first.train_step = interrupted
+    interrupt_during_step(first, 4)  # checkpoint-2 is the latest on disk
     with pytest.raises(KeyboardInterrupt):
         first.train()
     resumed = RewardModelTrainer(rm_config(tmp_path / "b", resume="auto", **kw))

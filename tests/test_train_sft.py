@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import interrupt_during_step
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train.data import (IGNORE_INDEX, DatasetError, PackedBatch, PackedLoader, encode_sft_record,
@@ -146,15 +147,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight.train()
     first = SFTTrainer(tiny_config(tmp_path / "b", data, max_steps=5, schedule="cosine", warmup_steps=2,
                                    bias_update_speed=1e-3, save_every=2))
-    real_step, calls = first.train_step, []
-
-    def interrupted(step_batches):
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed during step 4; checkpoint-2 is the latest on disk
-        calls.append(1)
-        return real_step(step_batches)
-
-    first.train_step = interrupted
+    interrupt_during_step(first, 4)  # checkpoint-2 is the latest on disk
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert sorted(os.listdir(tmp_path / "b" / "run")) == ["checkpoint-2", "metrics.jsonl"]
