@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import requires_cuda
+from moe_align.ops import mla as mla_ops
 from moe_align.ops.mla import mla_cache_append, mla_decode, mla_decode_plan
 from oracle_mla import decode_dense, decode_oracle
 
@@ -91,6 +92,78 @@ def test_empty_cache_gives_zero_and_minus_inf(backend, impl):
     assert torch.isneginf(lse).all()
 
 
+# Cache lengths far apart: the PyTorch path pads every sequence to the longest (or, over its
+# memory budget, to the longest of its group).
+SPREAD = [1, 300, 0, 17, 64, 2, 129]
+
+
+@pytest.mark.parametrize("budget", [None, 4096])
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_torch_batched_decode_very_different_lengths(backend, monkeypatch, budget, s_q):
+    backend("torch")
+    if budget is not None:  # a small budget: groups of similar lengths, one sequence alone
+        monkeypatch.setattr(mla_ops, "TORCH_PATH_SCORE_ELEMENTS", budget)
+    check_decode(SPREAD, s_q, 16, torch.float32, heads=4, seed=11 + s_q)
+    check_decode(SPREAD, s_q, 16, torch.float16, heads=4, seed=12 + s_q)
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("-inf"), 3e38, "stale"])
+def test_torch_decode_ignores_any_value_in_unused_slots(backend, poison):
+    """Unused slots and blocks may hold anything: infinities, finite values whose products
+    overflow, or stale finite values (the case where the path skips zeroing them)."""
+    backend("torch")
+    q_latent, q_rope, cache, table, seqlens = make_case(SPREAD, 2, 2, 32, 16, 8, torch.float32, seed=5)
+    ref_out, ref_lse = decode_oracle(q_latent, q_rope, cache, table, seqlens, 0.3)
+    unused = cache.isnan()
+    cache[unused] = torch.randn(int(unused.sum())) if poison == "stale" else poison
+    out, lse = mla_decode(q_latent, q_rope, cache, table, seqlens, 0.3)
+    torch.testing.assert_close(out.double(), ref_out, **TOL[torch.float32])
+    torch.testing.assert_close(lse.double(), ref_lse, **TOL[torch.float32])
+
+
+def test_eager_cpu_calls_equal_the_ops(backend):
+    """In eager mode on the CPU the public functions run the PyTorch paths without the op's
+    dispatch; through torch.ops (as under compile or fake tensors) the result is the same."""
+    backend("torch")
+    q_latent, q_rope, cache, table, seqlens = make_case([9, 0, 20], 2, 2, 32, 16, 8, torch.float32)
+    cache = cache.nan_to_num()
+    out, lse = mla_decode(q_latent, q_rope, cache, table, seqlens, 0.3)
+    op_out, op_lse = torch.ops.moe_align.mla_decode(q_latent, q_rope, cache, table, seqlens, None, None, None, 0.3)
+    assert torch.equal(out, op_out) and torch.equal(lse, op_lse)
+    slots = torch.tensor([3, -1, 17], dtype=torch.int64)
+    latent, k_rope = torch.randn(3, 32), torch.randn(3, 16)
+    direct, via_op = cache.clone(), cache.clone()
+    mla_cache_append(direct, latent, k_rope, slots)
+    torch.ops.moe_align.mla_cache_append(via_op, latent, k_rope, slots)
+    assert torch.equal(direct, via_op) and not torch.equal(direct, cache)
+    # Inputs that require grad go through the op, which has no backward.
+    out, _ = mla_decode(q_latent.clone().requires_grad_(), q_rope, cache, table, seqlens, 0.3)
+    with pytest.raises(RuntimeError):
+        out.sum().backward()
+
+
+def test_append_and_decode_compile_fullgraph(backend):
+    """Under torch.compile the public functions trace as the ops (fake kernels, no eager shortcut)."""
+    backend("torch")
+    q_latent, q_rope, cache, table, seqlens = make_case([9, 0, 20], 1, 2, 32, 16, 8, torch.float32)
+    cache, table = cache.nan_to_num(), table.contiguous()
+    latent, k_rope = torch.randn(2, 32), torch.randn(2, 16)
+    # One new token for sequences 0 and 2, at positions 9 and 20 (pages of 8).
+    slots = torch.tensor([int(table[0, 1]) * 8 + 1, int(table[2, 2]) * 8 + 4], dtype=torch.int64)
+    seqlens = seqlens + torch.tensor([1, 0, 1], dtype=torch.int32)
+
+    def step(kv, latent, k_rope):
+        mla_cache_append(kv, latent, k_rope, slots)
+        return mla_decode(q_latent, q_rope, kv, table, seqlens, 0.3)
+
+    eager_cache, compiled_cache = cache.clone(), cache.clone()
+    out, lse = step(eager_cache, latent, k_rope)
+    out_c, lse_c = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_cache, latent, k_rope)
+    assert torch.equal(compiled_cache, eager_cache)
+    torch.testing.assert_close(out_c, out)
+    torch.testing.assert_close(lse_c, lse)
+
+
 def test_plan_covers_every_sequence():
     for lengths, num_parts in (([37, 0, 70, 2, 16, 5], 3), ([32768], 132), ([100] * 64, 16), ([], 4)):
         seqlens = torch.tensor(lengths, dtype=torch.int32)
@@ -141,6 +214,8 @@ def test_opcheck(backend, impl):
     plan = mla_decode_plan(seqlens, 2, 2, num_parts=2, split_granule=16)
     torch.library.opcheck(torch.ops.moe_align.mla_decode.default,
                           (q_latent, q_rope, cache.nan_to_num(), table.contiguous(), seqlens, *plan, 0.3))
+    torch.library.opcheck(torch.ops.moe_align.mla_decode.default,  # no plan: made where needed
+                          (q_latent, q_rope, cache.nan_to_num(), table.contiguous(), seqlens, None, None, None, 0.3))
     slots = torch.tensor([3, -1, 17], dtype=torch.int64)
     torch.library.opcheck(torch.ops.moe_align.mla_cache_append.default,
                           (cache.nan_to_num(), torch.randn(3, 32), torch.randn(3, 16), slots))

@@ -215,15 +215,54 @@ def test_decode_equals_full_forward(backend, impl, variant):
     assert [cache.length(s) for s in seq_ids] == [sum(steps)] * 2
 
 
-def test_absorbed_weights_cached_and_refreshed():
-    module = make_module("v3_yarn", seed=6)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_decode_batch_of_different_lengths(backend, impl):
+    """Sequences whose caches differ in length decode together (one padded batch on the CPU)."""
+    backend(impl)
+    module = make_module("v3_yarn", seed=8)
+    prompts, steps = [9, 2, 17], [1, 2, 1]
+    hidden = [torch.randn(1, n + sum(steps), HIDDEN) for n in prompts]
     with torch.no_grad():
-        first = module.absorbed_weights()
-        assert module.absorbed_weights()[0] is first[0]  # cached
-        module.kv_b_proj.weight.mul_(1.5)  # in-place update: new version counter
-        second = module.absorbed_weights()
-    assert second[0] is not first[0]
-    torch.testing.assert_close(second[0], first[0] * 1.5)
+        full = [module(h) for h in hidden]
+    cache = MLACache.for_config(module.config, num_layers=1, num_blocks=13, block_size=4)
+    cache.kv.fill_(float("nan"))
+    seq_ids = [cache.add_sequence() for _ in prompts]
+    for s, h, n in zip(seq_ids, hidden, prompts):
+        decode_in_steps(module, cache, [s], h[:, :n], [n])
+    assert cache.step.plan is None  # the PyTorch path needs no split plan (one is made on CUDA)
+    rest = decode_in_steps(module, cache, seq_ids, torch.cat([h[:, n:] for h, n in zip(hidden, prompts)]), steps)
+    for b, (f, n) in enumerate(zip(full, prompts)):
+        torch.testing.assert_close(rest[b:b + 1], f[:, n:], **TOL[torch.float32])
+
+
+def test_fork_copies_a_sequence():
+    """G samples of one prompt: the prompt is decoded once, its copies fork the cache and go on
+    with their own tokens."""
+    module = make_module("v3_yarn", seed=10)
+    prompt, continuations = torch.randn(1, 7, HIDDEN), torch.randn(3, 4, HIDDEN)
+    with torch.no_grad():
+        full = module(torch.cat([prompt.expand(3, -1, -1), continuations], dim=1))
+    cache = MLACache.for_config(module.config, num_layers=1, num_blocks=9, block_size=4)
+    cache.kv.fill_(float("nan"))
+    first = cache.add_sequence()
+    decode_in_steps(module, cache, [first], prompt, [7])
+    seq_ids = [first, cache.fork(first), cache.fork(first)]
+    assert [cache.length(s) for s in seq_ids] == [7] * 3 and cache.num_free_blocks == 3
+    torch.testing.assert_close(decode_in_steps(module, cache, seq_ids, continuations, [1, 3]), full[:, 7:],
+                               **TOL[torch.float32])
+    with pytest.raises(RuntimeError, match="cache is full"):
+        cache.fork(first)
+
+
+def test_absorbed_weights_follow_every_update():
+    """The absorbed weights are views of kv_b_proj.weight: current after any in-place update,
+    also fused AdamW's, which does not bump the weight's version counter."""
+    module = make_module("v3_yarn", seed=6)
+    assert module.absorbed_weights()[0].data_ptr() == module.kv_b_proj.weight.data_ptr()  # a view, no copy
+    module(torch.randn(1, 5, HIDDEN)).square().sum().backward()
+    torch.optim.AdamW(module.parameters(), lr=0.1, fused=True).step()  # torch 2.13: no version bump
+    w = module.kv_b_proj.weight.detach().view(module.num_heads, -1, module.kv_lora_rank)
+    assert torch.equal(module.absorbed_weights()[0], w[:, :module.qk_nope_head_dim])
     # Decoding with the updated weights matches the full forward with them.
     hidden = torch.randn(1, 6, HIDDEN)
     with torch.no_grad():

@@ -127,6 +127,29 @@ def test_greedy_generation_through_cache_equals_full_forwards(version):
     assert out == [_argmax_by_full_forwards(model, p, 6) for p in prompts]
 
 
+def test_prefill_of_mixed_lengths_equals_each_prompt_alone():
+    """Eval mode prefills each distinct prompt once, prompts of similar lengths in one right-padded
+    step; training mode every prompt, a step per length, so that the MoE routers count real
+    tokens only. The tokens are those of each prompt generated alone."""
+    _, model = _hf_pair(3)
+    prompts = [[5] * n for n in (4, 5, 5, 6, 1, 12, 4)]
+    assert model._prefill_groups([len(p) for p in prompts], pad=True) == [[4], [0, 6, 1, 2, 3], [5]]
+    assert model._prefill_groups([len(p) for p in prompts], pad=False) == [[4], [0, 6], [1, 2], [3], [5]]
+    prompts = [[3, 1, 4, 1], [5, 9, 2, 6, 5], [35, 8], [5, 9, 2, 6, 5], [9], [7] * 12, [3, 1, 4, 1], [2, 7, 1, 8]]
+    alone = [model.generate([p], max_new_tokens=5)[0] for p in prompts]
+    # repeated prompts are prefilled once (their copies fork the cache)
+    assert model.generate(prompts, max_new_tokens=5) == alone
+    model.train()
+    moe = [layer.mlp for layer in model.model.layers[1:]]
+    for m in moe:
+        m.pop_tokens_per_expert()
+    out = model.generate(prompts, max_new_tokens=5)
+    assert out == alone
+    fed = sum(len(p) for p in prompts) + sum(len(o) - 1 for o in out)  # the last token is never fed
+    top_k = model.config.num_experts_per_tok
+    assert all(int(m.pop_tokens_per_expert().sum()) == fed * top_k for m in moe)
+
+
 def test_stop_tokens_and_max_new_tokens():
     torch.manual_seed(2)
     model = DeepseekForCausalLM("tiny")

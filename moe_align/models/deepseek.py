@@ -296,19 +296,44 @@ class DeepseekForCausalLM(nn.Module):
 
     # ---- generation ----------------------------------------------------------------------
 
-    def _cached_step(self, input_ids: torch.Tensor, cache: MLACache) -> torch.Tensor:
-        """``input_ids [B, s]`` of the sequences of ``cache.step`` -> last hidden states ``[B, hidden]``."""
+    def _cached_step(self, input_ids: torch.Tensor, cache: MLACache,
+                     last: Sequence[int] | None = None) -> torch.Tensor:
+        """``input_ids [B, s]`` of the sequences of ``cache.step`` -> final hidden states ``[B, hidden]``
+        of each sequence's token ``last[b]`` (default: its last token)."""
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cache=cache)
-        return self.model.norm(x[:, -1])
+        if last is None:
+            x = x[:, -1]
+        else:
+            x = x[torch.arange(x.shape[0], device=x.device), torch.tensor(last, device=x.device)]
+        return self.model.norm(x)
+
+    @staticmethod
+    def _prefill_groups(lengths: Sequence[int], pad: bool) -> list[list[int]]:
+        """Indices of the prompts prefilled together: the prompts of one length, or with ``pad``,
+        prompts of similar lengths (shortest first, as long as padding them to the longest adds at
+        most a quarter to their tokens)."""
+        groups: list[list[int]] = []
+        tokens = 0  # prompt tokens of the last group
+        for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+            n = lengths[i]
+            group = groups[-1] if groups else []
+            # padded to n, the group holds (len(group) + 1) * n tokens
+            if group and (n == lengths[group[-1]] or pad and 4 * (len(group) + 1) * n <= 5 * (tokens + n)):
+                group.append(i)
+                tokens += n
+            else:
+                groups.append([i])
+                tokens = n
+        return groups
 
     def _next_tokens(self, hidden: torch.Tensor, temperature: float, top_p: float,
                      generator: torch.Generator | None) -> torch.Tensor:
         logits = (hidden @ self.lm_head.weight.t()).float()  # [B, V], this step only
         if temperature == 0:
             return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
         if top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             # keep the smallest prefix whose mass reaches top_p (always the top token)
@@ -323,8 +348,12 @@ class DeepseekForCausalLM(nn.Module):
                  block_size: int = 16) -> list[list[int]]:
         """Continue each prompt (token lists of any lengths >= 1) by up to ``max_new_tokens`` tokens.
 
-        Each prompt is prefilled into a paged :class:`MLACache`, then all unfinished sequences
-        decode one token per step. ``temperature=0`` is greedy; otherwise sampling from
+        The prompts are prefilled into a paged :class:`MLACache`: in eval mode each distinct prompt
+        once (its repeats copy its cache, see :meth:`MLACache.fork`), those of similar lengths in
+        one step (right-padded to the longest: causal attention keeps the padding from the
+        prompts' tokens, and it is cut from the cache); in training mode, where the MoE routers
+        count the tokens, every prompt, a step per length. Then all unfinished sequences decode
+        one token per step. ``temperature=0`` is greedy; otherwise sampling from
         ``softmax(logits / temperature)`` restricted to the top-p nucleus, drawn with
         ``generator``. A sequence stops after emitting a token of ``stop_tokens`` (kept in its
         output). Returns the new tokens of each prompt.
@@ -347,20 +376,37 @@ class DeepseekForCausalLM(nn.Module):
             return outputs
         stop = set(stop_tokens)
         weight = self.lm_head.weight
-        num_blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+        # A cache step feeds the same number of tokens to each of its sequences, and on a CPU a
+        # step costs mostly per step, not per token: the prefill takes few steps. In eval mode a
+        # prompt given several times (the G samples of a GRPO group) is prefilled once, its copies
+        # fork its cache, and prompts of similar lengths share a right-padded step. In training
+        # mode, where the MoE routers count the tokens they see, every prompt is prefilled, in
+        # steps of one length.
+        shared = not self.training
+        lengths = [len(p) for p in prompts]
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(p), i) if shared else i for i, p in enumerate(prompts)]
+        distinct = [i for i, s in enumerate(source) if s == i]
+        groups = [[distinct[j] for j in group]
+                  for group in self._prefill_groups([lengths[i] for i in distinct], pad=shared)]
+        width = {i: lengths[group[-1]] for group in groups for i in group}  # the prefill step's length
+        num_blocks = sum(-(-max(n + max_new_tokens, width.get(i, n)) // block_size) for i, n in enumerate(lengths))
         cache = MLACache.for_config(self.config, len(self.model.layers), max(num_blocks, 1),
                                     block_size=block_size, dtype=weight.dtype, device=weight.device)
-        seq_ids = [cache.add_sequence() for _ in prompts]
-        # Prefill the prompts of each length together (a decode step takes the same number of new
-        # tokens for every sequence): one pass for all the copies of a prompt in a GRPO group.
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
+        seq_ids = {i: cache.add_sequence() for i in distinct}
         last = torch.empty(len(prompts), self.config.hidden_size, dtype=weight.dtype, device=weight.device)
-        for length, indices in by_length.items():
-            cache.begin_step([seq_ids[i] for i in indices], length)
-            ids = torch.tensor([prompts[i] for i in indices], device=weight.device)
-            last[indices] = self._cached_step(ids, cache)
+        for indices in groups:
+            step_len = width[indices[0]]
+            cache.begin_step([seq_ids[i] for i in indices], step_len)
+            ids = torch.tensor([prompts[i] + [0] * (step_len - lengths[i]) for i in indices], device=weight.device)
+            ends = [lengths[i] - 1 for i in indices]
+            last[indices] = self._cached_step(ids, cache, None if min(ends) == step_len - 1 else ends)
+            for i in indices:
+                if lengths[i] < step_len:
+                    cache.truncate(seq_ids[i], lengths[i])
+        if len(distinct) < len(prompts):
+            seq_ids.update({i: cache.fork(seq_ids[s]) for i, s in enumerate(source) if s != i})
+            last = last[source]
         tokens = self._next_tokens(last, temperature, top_p, generator).tolist()
         active = list(range(len(prompts)))
         for step in range(max_new_tokens):
@@ -373,6 +419,6 @@ class DeepseekForCausalLM(nn.Module):
             if not active:
                 break
             cache.begin_step([seq_ids[i] for i in active], 1)
-            ids = torch.tensor([[outputs[i][-1]] for i in active], device=weight.device)
+            ids = torch.tensor([outputs[i][-1] for i in active], device=weight.device)[:, None]
             tokens = self._next_tokens(self._cached_step(ids, cache), temperature, top_p, generator).tolist()
         return outputs

@@ -215,7 +215,7 @@ class MLADecodeStep(NamedTuple):
     slot_mapping: torch.Tensor  # int64 [B * s_q], their cache slots
     block_table: torch.Tensor  # int32 [B, max_blocks]
     cache_seqlens: torch.Tensor  # int32 [B], cache lengths including the new tokens
-    plan: MLADecodePlan
+    plan: MLADecodePlan | None  # on CUDA; None on the CPU (mla_decode makes one if its backend needs it)
 
 
 class MLACache:
@@ -223,11 +223,12 @@ class MLACache:
 
     ``kv[layer]`` is ``[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]``: per token the
     normalised latent and the roped key. Sequences get blocks from a shared pool as they grow
-    (:meth:`begin_step`) and give them back with :meth:`free` or :meth:`truncate`. A step feeds the
-    same number of new tokens to every sequence in it (a prompt is a step of its length). The
-    bookkeeping is on the host,
-    as in a serving scheduler; each step's device tensors (block table, cache lengths, slots,
-    split plan) are built once by :meth:`begin_step` and read by every layer.
+    (:meth:`begin_step`) or copy another's (:meth:`fork`), and give them back with :meth:`free` or
+    :meth:`truncate`. A step feeds the same number of new tokens to every sequence in it (a
+    prompt is a step of its length). The
+    bookkeeping is on the host, as in a serving scheduler; each step's device tensors (block
+    table, cache lengths, slots and, on CUDA, the split plan) are built once by
+    :meth:`begin_step` and read by every layer.
 
     Args:
         num_layers, num_blocks, block_size: the pool (``block_size`` any positive int, 64 as in
@@ -278,6 +279,20 @@ class MLACache:
         self._blocks[seq_id], self._lengths[seq_id] = [], 0
         return seq_id
 
+    def fork(self, seq_id: int) -> int:
+        """A new sequence holding a copy of the cache of ``seq_id`` (e.g. each of the G samples
+        of one prompt, prefilled once); returns its id."""
+        source = self._blocks[self._known(seq_id)]
+        if len(source) > len(self._free):
+            raise RuntimeError(f"the cache is full: the fork needs {len(source)} blocks, {len(self._free)} are free")
+        new_id = self.add_sequence()
+        blocks = [self._free.pop() for _ in source]
+        self._blocks[new_id], self._lengths[new_id] = blocks, self._lengths[seq_id]
+        if blocks:
+            device = self.kv.device
+            self.kv[:, torch.tensor(blocks, device=device)] = self.kv[:, torch.tensor(source, device=device)]
+        return new_id
+
     def length(self, seq_id: int) -> int:
         return self._lengths[self._known(seq_id)]
 
@@ -312,35 +327,38 @@ class MLACache:
             raise ValueError(f"seq_ids has duplicates: {seq_ids}")
         if isinstance(num_new_tokens, bool) or not isinstance(num_new_tokens, int) or num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be a positive int, got {num_new_tokens!r}")
-        bs = self.block_size
-        new_lengths = [self._lengths[s] + num_new_tokens for s in seq_ids]
-        need = sum(max(0, -(-n // bs) - len(self._blocks[s])) for s, n in zip(seq_ids, new_lengths))
+        bs, lengths, blocks_of = self.block_size, self._lengths, self._blocks
+        new_lengths = [lengths[s] + num_new_tokens for s in seq_ids]
+        counts = [-(-n // bs) for n in new_lengths]  # blocks each sequence needs
+        need = sum(max(0, c - len(blocks_of[s])) for s, c in zip(seq_ids, counts))
         if need > len(self._free):
             raise RuntimeError(f"the cache is full: the step needs {need} blocks, {len(self._free)} are free")
-        width = max([-(-n // bs) for n in new_lengths], default=0)
+        width = max(counts, default=0)
         if self.max_blocks is not None:
             if width > self.max_blocks:
                 raise ValueError(f"a sequence would exceed max_seq_len ({self.max_blocks * bs} tokens)")
             width = self.max_blocks
-        table, positions, slots = [], [], []
-        for s, n in zip(seq_ids, new_lengths):
-            blocks = self._blocks[s]
-            while len(blocks) * bs < n:
+        table, positions, slots, padding = [], [], [], [0] * width
+        for s, n, c in zip(seq_ids, new_lengths, counts):
+            blocks = blocks_of[s]
+            while len(blocks) < c:
                 blocks.append(self._free.pop())
-            start = self._lengths[s]
-            self._lengths[s] = n
-            positions.append(list(range(start, n)))
+            start = lengths[s]
+            lengths[s] = n
+            positions.extend(range(start, n))
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, n))
-            table.append(blocks + [0] * (width - len(blocks)))
-        device = self.kv.device
+            table.extend(blocks)
+            table.extend(padding[len(blocks):])
+        device, batch = self.kv.device, len(seq_ids)
         cache_seqlens = torch.tensor(new_lengths, dtype=torch.int32, device=device)
         self.step = MLADecodeStep(
             seq_ids=seq_ids,
-            positions=torch.tensor(positions, dtype=torch.int64, device=device).view(len(seq_ids), num_new_tokens),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device).view(batch, num_new_tokens),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            block_table=torch.tensor(table, dtype=torch.int32, device=device).view(len(seq_ids), width),
+            block_table=torch.tensor(table, dtype=torch.int32, device=device).view(batch, width),
             cache_seqlens=cache_seqlens,
-            plan=mla_decode_plan(cache_seqlens, self.num_heads, num_new_tokens),
+            # Only the Triton kernel reads a plan (the PyTorch path of the CPU needs none).
+            plan=mla_decode_plan(cache_seqlens, self.num_heads, num_new_tokens) if device.type == "cuda" else None,
         )
         return self.step
 
@@ -401,13 +419,11 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.v_head_dim, cfg.hidden_size, bias=cfg.attention_bias, **f)
         inv_freq, self.rope_scaling = cfg.rope_frequencies()
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-        self._absorbed: tuple | None = None  # (key, W_UK [H, D_nope, D_lat], W_UV^T [H, D_lat, D_v])
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         # Keep the rotary frequencies float32 through .to(dtype) / .half().
         self.inv_freq = self.config.rope_frequencies()[0].to(self.inv_freq.device)
-        self._absorbed = None
         return module
 
     # ---- shared projections ----------------------------------------------------------------
@@ -425,30 +441,24 @@ class MLAttention(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        cos = (freqs.cos() * self.rope_scaling).to(x.dtype)
-        sin = (freqs.sin() * self.rope_scaling).to(x.dtype)
-        interleave = self.config.rope_interleave
-        q_rope = _rotate(q_rope, cos[:, None, :], sin[:, None, :], interleave)
-        k_rope = _rotate(k_rope, cos, sin, interleave)
-        return q_nope, q_rope, latent, k_rope
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.rope_scaling != 1.0:
+            cos, sin = cos * self.rope_scaling, sin * self.rope_scaling
+        cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+        # The heads' q_rope and the one shared k_rope turn together, as H + 1 heads.
+        roped = _rotate(torch.cat([q_rope, k_rope[:, None, :]], dim=1), cos, sin, self.config.rope_interleave)
+        return q_nope, roped[:, :-1], latent, roped[:, -1]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W_UK [H, D_nope, D_lat], W_UV^T [H, D_lat, D_v])`` from ``kv_b_proj``.
+        """``(W_UK [H, D_nope, D_lat], W_UV^T [H, D_lat, D_v])``: views of ``kv_b_proj.weight``.
 
-        Contiguous copies are cached and rebuilt when ``kv_b_proj.weight`` changes (its version
-        counter, storage, dtype or device); when autograd records, views of the live weight are
-        returned instead, so gradients flow into ``kv_b_proj``.
+        Views, not copies: the batched matmuls take the strided and transposed operands as they
+        are, the weights are always the current ones (a copy cached on the weight's version
+        counter would miss in-place updates that leave it alone, e.g. fused AdamW's), and
+        gradients flow into ``kv_b_proj`` when autograd records.
         """
-        weight = self.kv_b_proj.weight
-        heads, d_nope, d_lat = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
-        if torch.is_grad_enabled() and weight.requires_grad:
-            w = weight.view(heads, d_nope + self.v_head_dim, d_lat)
-            return w[:, :d_nope], w[:, d_nope:].transpose(1, 2)
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
-        if self._absorbed is None or self._absorbed[0] != key:
-            w = weight.detach().view(heads, d_nope + self.v_head_dim, d_lat)
-            self._absorbed = (key, w[:, :d_nope].contiguous(), w[:, d_nope:].transpose(1, 2).contiguous())
-        return self._absorbed[1], self._absorbed[2]
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:].transpose(1, 2)
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -98,6 +98,24 @@ def _values_checkable(t: torch.Tensor) -> bool:
     return True
 
 
+def _plain_eager_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether the PyTorch path may be called directly rather than through its
+    ``torch.ops.moe_align`` op: plain CPU tensors in eager mode, with nothing that needs the op
+    itself (torch.compile or jit tracing, tensor subclasses, functorch transforms, dispatch or
+    function modes, autograd recording, the profiler). The op runs the same function, after
+    torch.library's Python dispatch (50-80 us a call: most of a small model's decode step)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._autograd._profiler_enabled():
+        return False
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu"
+               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
@@ -448,43 +466,106 @@ def mla_decode_plan(
     return MLADecodePlan(work.to(torch.int32), split_offsets.to(torch.int32), split_len.to(torch.int32))
 
 
+def _decode_groups(lengths: list[int], row_elements: int, budget: int) -> list[list[int]] | None:
+    """Batches of sequence indices for :func:`mla_decode_torch`: None when the whole batch, padded
+    to its longest cache, fits in ``budget`` float32 elements (``row_elements`` per cached
+    position of a sequence); else the non-empty sequences longest first, cut greedily into groups
+    that fit (at least one sequence each), so that a group pads its caches to similar lengths."""
+    if len(lengths) * max(lengths, default=0) * row_elements <= budget:
+        return None
+    groups: list[list[int]] = []
+    for b in sorted((b for b, n in enumerate(lengths) if n > 0), key=lambda b: -lengths[b]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] * row_elements <= budget:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+def _decode_padded(q_latent, q_rope, kv_cache, block_table, cache_seqlens, min_len: int, max_len: int,
+                   softmax_scale: float):
+    """:func:`mla_decode_torch` of a batch whose caches hold ``min_len .. max_len`` tokens
+    (``max_len >= 1``): the rows of every sequence gathered into one float32 block ``[B, max_len,
+    D_lat + D_rope]``, one batched matmul for the scores and one for the output, positions past
+    a cache length masked. Returns float32 ``out [B, s_q, H, D_lat]`` and ``lse [B, s_q, H]``."""
+    batch, s_q, num_heads, d_lat = q_latent.shape
+    rows_q = s_q * num_heads  # query rows of a sequence, ordered (new token, head)
+    num_blocks, page = kv_cache.shape[0], kv_cache.shape[1]
+    used_blocks = -(-max_len // page)
+    # Table entries past a sequence's last block may hold anything: clamped, they read some
+    # block, whose rows are past the cache length like the tail of the last block.
+    blocks = block_table[:, :used_blocks].clamp(0, num_blocks - 1).reshape(-1)
+    gathered = kv_cache.index_select(0, blocks)
+    rows = gathered.view(batch, used_blocks * page, -1)[:, :max_len].float()
+    pos = torch.arange(max_len, device=rows.device)
+    past_end = pos >= cache_seqlens[:, None]  # [B, max_len]
+    # Positions past the end get probability 0, and 0 * x = 0 for every finite x: the rows
+    # there (stale, or anything) need zeroing only when some value is NaN or inf, which makes
+    # the sum non-finite (a finite sum that overflows merely zeroes them too).
+    if not math.isfinite(gathered.sum(dtype=torch.float32).item()):
+        rows.masked_fill_(past_end[..., None], 0.0)  # index_select made a copy: the cache is untouched
+    # New token i sees the positions j <= L_b - s_q + i, i.e. j - i <= L_b - s_q (j < L_b if s_q = 1).
+    if s_q == 1:
+        hidden = past_end[:, None, :]
+    else:
+        offset = pos[None, :] - torch.arange(s_q, device=pos.device)[:, None]  # [s_q, max_len]
+        hidden = (offset[None] > (cache_seqlens[:, None, None] - s_q))[:, :, None, :]
+        hidden = hidden.expand(batch, s_q, num_heads, max_len).reshape(batch, rows_q, max_len)
+    q = torch.cat([q_latent, q_rope], dim=-1).float().view(batch, rows_q, -1)
+    s = torch.bmm(q, rows.transpose(1, 2)).mul_(softmax_scale)  # [B, s_q * H, max_len]
+    s.masked_fill_(hidden, float("-inf"))  # whatever the scores at hidden positions were
+    p = torch.softmax(s, dim=-1)
+    # At a row's maximum p = exp(max - lse) >= 1 / max_len does not underflow.
+    lse = s.amax(dim=-1).sub_(p.amax(dim=-1).log_())
+    if min_len < s_q:  # some queries see no position: their softmax is 0 / 0
+        last_visible = cache_seqlens[:, None] - s_q + torch.arange(s_q, device=pos.device)  # [B, s_q]
+        blind = (last_visible < 0)[:, :, None].expand(batch, s_q, num_heads).reshape(batch, rows_q)
+        p.masked_fill_(blind[..., None], 0.0)
+        lse.masked_fill_(blind, float("-inf"))
+    out = torch.bmm(p, rows[..., :d_lat])
+    return out.view(q_latent.shape), lse.view(batch, s_q, num_heads)
+
+
 def mla_decode_torch(
     q_latent, q_rope, kv_cache, block_table, cache_seqlens, softmax_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch path of :func:`mla_decode` (float32 math, one sequence at a time)."""
-    batch, s_q, num_heads, d_lat = q_latent.shape
+    """PyTorch path of :func:`mla_decode`: float32 math, all sequences of the batch at once (their
+    caches padded to the longest); in groups of similar cache lengths when the padded scores or
+    rows of the whole batch would exceed ``TORCH_PATH_SCORE_ELEMENTS`` float32 elements."""
+    batch, s_q, num_heads, _ = q_latent.shape
+    lengths = cache_seqlens.tolist()
+    groups = _decode_groups(lengths, max(s_q * num_heads, kv_cache.shape[-1]), TORCH_PATH_SCORE_ELEMENTS)
+    if groups is None and max(lengths, default=0) > 0:
+        out, lse = _decode_padded(q_latent, q_rope, kv_cache, block_table, cache_seqlens, min(lengths),
+                                  max(lengths), softmax_scale)
+        return out.to(q_latent.dtype), lse
     out = torch.zeros(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.full((batch, s_q, num_heads), float("-inf"), dtype=torch.float32, device=q_latent.device)
-    page = kv_cache.shape[1]
-    for b, cache_len in enumerate(cache_seqlens.tolist()):
-        if cache_len <= 0:
-            continue
-        pos = torch.arange(cache_len, device=kv_cache.device)
-        rows = kv_cache[block_table[b, pos // page].long(), pos % page].float()  # [L, D_lat + D_rope]
-        latent, rope = rows[:, :d_lat], rows[:, d_lat:]
-        s = torch.einsum("shd,ld->shl", q_latent[b].float(), latent)
-        s = (s + torch.einsum("shd,ld->shl", q_rope[b].float(), rope)) * softmax_scale
-        last_visible = cache_len - s_q + torch.arange(s_q, device=s.device)
-        s = s.masked_fill(pos[None, None, :] > last_visible[:, None, None], float("-inf"))
-        row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - torch.where(torch.isinf(row_lse), 0.0, row_lse)[..., None])
-        out[b] = torch.einsum("shl,ld->shd", p, latent).to(out.dtype)
-        lse[b] = row_lse
+    for group in groups or ():
+        idx = torch.tensor(group, device=q_latent.device)
+        g_out, g_lse = _decode_padded(q_latent[idx], q_rope[idx], kv_cache, block_table[idx], cache_seqlens[idx],
+                                      lengths[group[-1]], lengths[group[0]], softmax_scale)
+        out[idx] = g_out.to(out.dtype)
+        lse[idx] = g_lse
     return out, lse
+
+
+def _decode_backend(device: torch.device) -> str:
+    available = ("triton", "torch") if triton_available(device) else ("torch",)
+    return backend_for("mla_decode", device, available, default="triton" if device.type == "cuda" else "torch")
 
 
 @torch.library.custom_op("moe_align::mla_decode", mutates_args=())
 def _mla_decode(
     q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor, work: torch.Tensor, split_offsets: torch.Tensor,
-    split_len: torch.Tensor, softmax_scale: float,
+    cache_seqlens: torch.Tensor, work: torch.Tensor | None, split_offsets: torch.Tensor | None,
+    split_len: torch.Tensor | None, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    device = q_latent.device
-    available = ("triton", "torch") if triton_available(device) else ("torch",)
-    backend = backend_for("mla_decode", device, available, default="triton" if device.type == "cuda" else "torch")
-    if backend == "triton":
+    if _decode_backend(q_latent.device) == "triton":
         from moe_align.kernels.mla_decode import mla_decode_triton
 
+        if work is None:
+            work, split_offsets, split_len = mla_decode_plan(cache_seqlens, q_latent.shape[2], q_latent.shape[1])
         return mla_decode_triton(
             _unit_last_stride(q_latent), _unit_last_stride(q_rope), kv_cache, block_table,
             cache_seqlens, work, split_offsets, split_len, softmax_scale,
@@ -534,8 +615,8 @@ def mla_decode(
     where ``q_latent = q_nope W_UK`` (per head, ``W_UK = kv_b_proj.weight.view(H, D_nope + D_v,
     D_lat)[:, :D_nope]``) and the attention output is ``out W_UV^T``, applied by the caller.
     A query that sees no position (``L_b = 0``, or ``L_b < s_q - i``) gets ``out = 0`` and
-    ``lse = -inf``. Cache rows past ``L_b`` and block-table entries past ``ceil(L_b / P)`` are
-    never read (they may hold anything, NaN included).
+    ``lse = -inf``. Cache rows past ``L_b`` and block-table entries past ``ceil(L_b / P)`` never
+    affect the result (they may hold anything, NaN included).
 
     Args:
         q_latent: ``[B, s_q, H, D_lat]``; q_rope: ``[B, s_q, H, D_rope]``; fp32, fp16 or bf16,
@@ -544,8 +625,9 @@ def mla_decode(
         block_table: int32 ``[B, max_blocks]``, entries in ``[0, num_blocks)`` where used.
         cache_seqlens: int32 ``[B]``, ``0 <= L_b <= max_blocks * block_size``.
         softmax_scale: the model's softmax scale (``(D_nope + D_rope) ** -0.5`` times YaRN's mscale²).
-        plan: from :func:`mla_decode_plan` (default: computed here, without a host sync). Reuse one
-            plan for all layers of a step.
+        plan: from :func:`mla_decode_plan`, used by the Triton kernel (default: computed there,
+            without a host sync; the PyTorch path needs none). Reuse one plan for all layers of
+            a step.
         validate: check block ids and cache lengths (a host sync; skipped under CUDA graph
             capture and torch.compile).
 
@@ -554,7 +636,10 @@ def mla_decode(
         ``[B, s_q, H]``. Not differentiable.
 
     Backends: the split-KV Triton kernel + combine on CUDA (no host sync: CUDA-graph capturable),
-    the PyTorch path on the CPU.
+    the PyTorch path on the CPU (float32, every sequence of the batch in one padded block). On
+    plain CPU tensors in eager mode the PyTorch path is called directly, without the dispatch of
+    ``torch.ops.moe_align.mla_decode`` (same result); compile, tracing, fake tensors and
+    autograd go through the op.
     """
     _check_float("q_latent", q_latent, 4)
     _check_float("q_rope", q_rope, 4)
@@ -579,22 +664,26 @@ def mla_decode(
                            cache_seqlens=cache_seqlens))
     if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
-    if plan is None:
-        plan = mla_decode_plan(cache_seqlens, num_heads, s_q)
-    if not isinstance(plan, tuple) or len(plan) != 3:
-        raise TypeError("plan must be an MLADecodePlan from mla_decode_plan")
-    work, split_offsets, split_len = plan
-    _check_index("plan.work", work, 2, torch.int32)
-    _check_index("plan.split_offsets", split_offsets, 1, torch.int32)
-    _check_index("plan.split_len", split_len, 1, torch.int32)
-    if work.shape[1] != 2 or split_offsets.shape[0] != batch + 1 or split_len.shape[0] != batch:
-        raise ValueError(f"plan was not made for a batch of {batch} (see mla_decode_plan)")
-    _check_same_device(dict(q_latent=q_latent, work=work, split_offsets=split_offsets, split_len=split_len))
+    work = split_offsets = split_len = None
+    if plan is not None:
+        if not isinstance(plan, tuple) or len(plan) != 3:
+            raise TypeError("plan must be an MLADecodePlan from mla_decode_plan")
+        work, split_offsets, split_len = plan
+        _check_index("plan.work", work, 2, torch.int32)
+        _check_index("plan.split_offsets", split_offsets, 1, torch.int32)
+        _check_index("plan.split_len", split_len, 1, torch.int32)
+        if work.shape[1] != 2 or split_offsets.shape[0] != batch + 1 or split_len.shape[0] != batch:
+            raise ValueError(f"plan was not made for a batch of {batch} (see mla_decode_plan)")
+        _check_same_device(dict(q_latent=q_latent, work=work, split_offsets=split_offsets, split_len=split_len))
+        work, split_offsets, split_len = work.contiguous(), split_offsets.contiguous(), split_len.contiguous()
     if validate and _values_checkable(cache_seqlens):
         _check_cache_values(kv_cache, block_table, cache_seqlens)
+    if _decode_backend(q_latent.device) == "torch" and _plain_eager_cpu(
+            q_latent, q_rope, kv_cache, block_table, cache_seqlens):
+        return mla_decode_torch(q_latent, q_rope, kv_cache, block_table, cache_seqlens, float(softmax_scale))
     return _mla_decode(
         q_latent, q_rope, kv_cache, _unit_last_stride(block_table), cache_seqlens.contiguous(),
-        work.contiguous(), split_offsets.contiguous(), split_len.contiguous(), float(softmax_scale),
+        work, split_offsets, split_len, float(softmax_scale),
     )
 
 
@@ -624,26 +713,30 @@ def _check_cache_values(kv_cache, block_table, cache_seqlens) -> None:
 
 
 def mla_cache_append_torch(kv_cache, latent, k_rope, slot_mapping) -> None:
-    """PyTorch path of :func:`mla_cache_append`."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    page, d_lat = kv_cache.shape[1], latent.shape[-1]
-    blocks, offsets = slots // page, slots % page
-    kv_cache[blocks, offsets, :d_lat] = latent[keep].to(kv_cache.dtype)
-    kv_cache[blocks, offsets, d_lat:] = k_rope[keep].to(kv_cache.dtype)
+    """PyTorch path of :func:`mla_cache_append` (one indexed write of whole rows)."""
+    rows = torch.cat([latent, k_rope], dim=-1).to(kv_cache.dtype)
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:  # padding tokens: skipped
+        keep = slot_mapping >= 0
+        slot_mapping, rows = slot_mapping[keep], rows[keep]
+    page = kv_cache.shape[1]
+    blocks, offsets = torch.div(slot_mapping, page, rounding_mode="floor"), torch.remainder(slot_mapping, page)
+    kv_cache.index_put_((blocks, offsets), rows)
+
+
+def _append_backend(device: torch.device) -> str:
+    if device.type == "cuda":
+        available = ("cuda", "triton", "torch") if has_cuda_kernels() else ("triton", "torch")
+    else:
+        available = ("triton", "torch") if triton_available(device) else ("torch",)
+    default = available[0] if device.type == "cuda" else "torch"
+    return backend_for("mla_cache_append", device, available, default=default)
 
 
 @torch.library.custom_op("moe_align::mla_cache_append", mutates_args=("kv_cache",))
 def _mla_cache_append(
     kv_cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    device = kv_cache.device
-    if device.type == "cuda":
-        available = ("cuda", "triton", "torch") if has_cuda_kernels() else ("triton", "torch")
-    else:
-        available = ("triton", "torch") if triton_available(device) else ("torch",)
-    backend = backend_for("mla_cache_append", device, available,
-                          default=available[0] if device.type == "cuda" else "torch")
+    backend = _append_backend(kv_cache.device)
     latent, k_rope = _unit_last_stride(latent), _unit_last_stride(k_rope)
     if backend == "cuda":
         torch.ops.moe_align.mla_cache_write(kv_cache, latent, k_rope, slot_mapping)
@@ -686,7 +779,8 @@ def mla_cache_append(
         validate: check the slots' range (a host sync; skipped under graph capture / compile).
 
     Backends: the CUDA kernel (one program per token, vectorised copies) when the extension has
-    CUDA kernels, else Triton, on CUDA tensors; the PyTorch path on the CPU.
+    CUDA kernels, else Triton, on CUDA tensors; the PyTorch path on the CPU, called directly on
+    plain tensors in eager mode (as for :func:`mla_decode`).
     """
     _check_float("latent", latent, 2)
     _check_float("k_rope", k_rope, 2)
@@ -708,4 +802,7 @@ def mla_cache_append(
                 f"slot_mapping holds slot {top}, outside the cache of {kv_cache.shape[0]} blocks x "
                 f"{kv_cache.shape[1]} tokens = {capacity} slots"
             )
+    if _append_backend(kv_cache.device) == "torch" and _plain_eager_cpu(kv_cache, latent, k_rope, slot_mapping):
+        mla_cache_append_torch(kv_cache, latent, k_rope, slot_mapping)
+        return
     _mla_cache_append(kv_cache, latent, k_rope, slot_mapping.contiguous())
