@@ -135,6 +135,16 @@ def test_weight_gradients_in_huge_page_buffers(use_backend):
         assert torch.count_nonzero(grad[1]) == 0
 
 
+def test_direct_cpu_call_equals_the_op(use_backend):
+    """Without autograd, CPU calls skip the torch.library dispatch: the same result as the op's."""
+    use_backend("torch")
+    x, gate_up, down, weights, ids, _ = make_inputs(11, 32, 24, 5, 2, torch.float32, seed=4)
+    with torch.no_grad():
+        out = fused_experts(x, gate_up, down, weights, ids)
+    op_out, _ = torch.ops.moe_align.fused_experts(x, gate_up, down, weights, ids, False)
+    assert torch.equal(out, op_out)
+
+
 @pytest.mark.parametrize("shape", [(3,), (4096, 2048 + 1), (0, 5)])
 def test_new_empty_huge_pages(shape):
     like = torch.ones(2, dtype=torch.float64)

@@ -157,3 +157,19 @@ def test_cuda_kernel_matches_oracle(backend, name, dtype):
     backend("cuda")
     logits, top_k, kwargs, bias = make_case(name, 300, dtype, seed=7)
     check_against_oracle(logits.cuda(), top_k, kwargs, None if bias is None else bias.cuda())
+
+
+@pytest.mark.parametrize("name", ["v2_lite", "v3"])
+def test_direct_cpu_call_equals_the_op(name):
+    """Without autograd, CPU calls skip the torch.library dispatch: the same result as the op's."""
+    logits, top_k, kwargs, bias = make_case(name, 9, torch.float32, seed=3)
+    with torch.no_grad():
+        weights, ids = grouped_topk(logits, top_k, correction_bias=bias, **kwargs)
+    n_group = kwargs.get("n_group", 1)
+    group_score = kwargs.get("group_score") or ("top2_sum" if bias is not None else "max")
+    op_weights, op_ids = torch.ops.moe_align.grouped_topk(
+        logits, bias, top_k, n_group, kwargs.get("topk_group") or n_group, kwargs.get("scoring_func") == "sigmoid",
+        group_score == "top2_sum" and n_group > 1, kwargs.get("renormalize", False),
+        kwargs.get("routed_scaling_factor", 1.0))
+    assert torch.equal(weights, op_weights) and torch.equal(ids, op_ids)
+    check_against_oracle(logits, top_k, kwargs, bias, backward=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_align.ops._backend import backend_for, triton_available
+from moe_align.ops._backend import backend_for, plain_eager_cpu, triton_available
 from moe_align.ops._memory import new_empty_huge_pages
 from moe_align.ops._native import has_cuda_kernels, load_native
 from moe_align.ops.moe_align_block_size import max_num_tokens_padded, moe_align_block_size_torch
@@ -405,14 +405,18 @@ def fused_experts(
     weights fused, deterministic: no atomics); the PyTorch path on the CPU (experts without
     tokens skipped, weight gradients written in place); ``MOE_ALIGN_BACKEND=torch|triton``
     forces one (Triton on CPU tensors needs ``TRITON_INTERPRET=1``). The range check of
-    ``topk_ids`` reads it on the host; it is skipped under torch.compile and graph capture.
+    ``topk_ids`` reads it on the host; it is skipped under torch.compile and graph capture. On
+    plain CPU tensors in eager mode without autograd the PyTorch path is called without the
+    dispatch of ``torch.ops.moe_align.fused_experts`` (same result).
     """
     _check(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
     save_gate_up = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, gate_up_proj, down_proj, topk_weights)
     )
-    out, _ = _fused_experts(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, save_gate_up)
-    return out
+    args = (hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, save_gate_up)
+    if _backend(hidden_states.device) == "torch" and plain_eager_cpu(*args[:5]):
+        return fused_experts_torch(*args)[0]
+    return _fused_experts(*args)[0]
 
 
 load_native()

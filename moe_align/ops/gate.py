@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_align.ops._backend import backend_for
+from moe_align.ops._backend import backend_for, plain_eager_cpu
 from moe_align.ops._native import has_cuda_kernels
 
 __all__ = ["grouped_topk"]
@@ -72,12 +72,15 @@ def _grouped_topk(
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (top_k, n_group, topk_group, use_sigmoid, group_by_top2_sum, renormalize, routed_scaling_factor)
-    fits = logits.is_cuda and has_cuda_kernels() and _cuda_kernel_fits(logits.shape[1], n_group, top_k)
-    available = ("cuda", "torch") if fits else ("torch",)
-    backend = backend_for("grouped_topk", logits.device, available, default=available[0])
-    if backend == "cuda":
+    if _backend(logits, n_group, top_k) == "cuda":
         return torch.ops.moe_align.fused_gate(logits.contiguous(), correction_bias, *args)
     return grouped_topk_torch(logits, correction_bias, *args)
+
+
+def _backend(logits: torch.Tensor, n_group: int, top_k: int) -> str:
+    fits = logits.is_cuda and has_cuda_kernels() and _cuda_kernel_fits(logits.shape[1], n_group, top_k)
+    available = ("cuda", "torch") if fits else ("torch",)
+    return backend_for("grouped_topk", logits.device, available, default=available[0])
 
 
 @_grouped_topk.register_fake
@@ -160,7 +163,9 @@ def grouped_topk(
         Differentiable with respect to ``router_logits`` (through ``topk_weights``).
 
     Backends: the fused CUDA kernel on CUDA tensors (one warp per token), the PyTorch path on
-    the CPU, or with ``MOE_ALIGN_BACKEND=torch``.
+    the CPU, or with ``MOE_ALIGN_BACKEND=torch``. On plain CPU tensors in eager mode without
+    autograd the PyTorch path is called without the dispatch of ``torch.ops.moe_align.grouped_topk``
+    (same result).
     """
     if not isinstance(router_logits, torch.Tensor):
         raise TypeError(f"router_logits must be a tensor, got {type(router_logits).__name__}")
@@ -199,7 +204,8 @@ def grouped_topk(
                 f"correction_bias is on {correction_bias.device}, router_logits on {router_logits.device}"
             )
         correction_bias = correction_bias.contiguous()
-    return _grouped_topk(
-        router_logits, correction_bias, top_k, n_group, topk_group, scoring_func == "sigmoid",
-        group_score == "top2_sum" and n_group > 1, bool(renormalize), float(routed_scaling_factor),
-    )
+    args = (router_logits, correction_bias, top_k, n_group, topk_group, scoring_func == "sigmoid",
+            group_score == "top2_sum" and n_group > 1, bool(renormalize), float(routed_scaling_factor))
+    if _backend(router_logits, n_group, top_k) == "torch" and plain_eager_cpu(router_logits, correction_bias):
+        return grouped_topk_torch(*args)
+    return _grouped_topk(*args)

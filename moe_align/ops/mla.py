@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_align.ops._backend import backend_for, triton_available
+from moe_align.ops._backend import backend_for, plain_eager_cpu, triton_available
 from moe_align.ops._native import has_cuda_kernels
 
 __all__ = [
@@ -96,24 +96,6 @@ def _values_checkable(t: torch.Tensor) -> bool:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
     return True
-
-
-def _plain_eager_cpu(*tensors: torch.Tensor) -> bool:
-    """Whether the PyTorch path may be called directly rather than through its
-    ``torch.ops.moe_align`` op: plain CPU tensors in eager mode, with nothing that needs the op
-    itself (torch.compile or jit tracing, tensor subclasses, functorch transforms, dispatch or
-    function modes, autograd recording, the profiler). The op runs the same function, after
-    torch.library's Python dispatch (50-80 us a call: most of a small model's decode step)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._autograd._profiler_enabled():
-        return False
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
-        return False
-    return all(type(t) is torch.Tensor and t.device.type == "cpu"
-               and not torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -678,7 +660,7 @@ def mla_decode(
         work, split_offsets, split_len = work.contiguous(), split_offsets.contiguous(), split_len.contiguous()
     if validate and _values_checkable(cache_seqlens):
         _check_cache_values(kv_cache, block_table, cache_seqlens)
-    if _decode_backend(q_latent.device) == "torch" and _plain_eager_cpu(
+    if _decode_backend(q_latent.device) == "torch" and plain_eager_cpu(
             q_latent, q_rope, kv_cache, block_table, cache_seqlens):
         return mla_decode_torch(q_latent, q_rope, kv_cache, block_table, cache_seqlens, float(softmax_scale))
     return _mla_decode(
@@ -802,7 +784,7 @@ def mla_cache_append(
                 f"slot_mapping holds slot {top}, outside the cache of {kv_cache.shape[0]} blocks x "
                 f"{kv_cache.shape[1]} tokens = {capacity} slots"
             )
-    if _append_backend(kv_cache.device) == "torch" and _plain_eager_cpu(kv_cache, latent, k_rope, slot_mapping):
+    if _append_backend(kv_cache.device) == "torch" and plain_eager_cpu(kv_cache, latent, k_rope, slot_mapping):
         mla_cache_append_torch(kv_cache, latent, k_rope, slot_mapping)
         return
     _mla_cache_append(kv_cache, latent, k_rope, slot_mapping.contiguous())
