@@ -43,7 +43,7 @@ class DemoConfig:
     sft_steps: int = 800
     sft_lr: float = 3e-3
     sft_batch_tokens: int = 1024
-    grpo_steps: int = 40
+    grpo_steps: int = 80
     grpo_lr: float = 2e-5
     group_size: int = 8
     prompts_per_step: int = 16
