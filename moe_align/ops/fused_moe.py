@@ -37,7 +37,8 @@ SMALL_GEMM_ROWS = 128
 
 class _ExpertRuns:
     """The (token, k) pairs sorted by expert: ``order`` (flat pair indices, stable), ``token``
-    (their tokens) and the ``(expert, first, last)`` runs of the experts that received pairs."""
+    (their tokens), the ``(expert, first, last)`` runs of the experts that received pairs and the
+    ``unused_ranges`` of experts that received none."""
 
     def __init__(self, topk_ids: torch.Tensor, num_experts: int) -> None:
         flat = topk_ids.reshape(-1).long()
@@ -49,15 +50,9 @@ class _ExpertRuns:
             if count:
                 self.runs.append((expert, start, start + count))
             start += count
-        # Maximal ranges [first, last) of consecutive experts without pairs.
-        self.unused_ranges = []
-        for expert, count in enumerate(counts):
-            if count:
-                continue
-            if self.unused_ranges and self.unused_ranges[-1][1] == expert:
-                self.unused_ranges[-1][1] = expert + 1
-            else:
-                self.unused_ranges.append([expert, expert + 1])
+        # The experts without pairs, as maximal ranges [first, last): the gaps between the runs.
+        used = [-1, *(expert for expert, _, _ in self.runs), num_experts]
+        self.unused_ranges = [(a + 1, b) for a, b in zip(used, used[1:]) if b > a + 1]
 
     def to_pair_order(self, sorted_rows: torch.Tensor) -> torch.Tensor:
         """Rows in expert order -> rows by flat pair index."""
