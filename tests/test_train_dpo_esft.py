@@ -1,6 +1,10 @@
 """DPO raises the chosen-vs-rejected margin; ESFT trains only the selected experts."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -118,3 +122,50 @@ def test_esft_leaves_frozen_experts_bit_identical(tmp_path):
     with pytest.raises(ValueError, match="weight_decay"):
         ESFTTrainer(ESFTConfig(model="tiny", data=data, output_dir=str(tmp_path / "r2"), weight_decay=0.1,
                                batch_tokens=64, max_seq_len=16, progress=False))
+
+
+ESFT_FSDP_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from moe_align.train.esft import ESFTConfig, ESFTTrainer, local_rows
+    data, out, fsdp, accum = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
+    trainer = ESFTTrainer(ESFTConfig(model="tiny", data=data, output_dir=out, lr=1e-2, threshold=0.3, batch_tokens=64,
+                                     max_seq_len=16, grad_clip=1.0, progress=False, fsdp=fsdp, max_steps=3,
+                                     grad_accum=accum, unfreeze=["model.norm.*"]))
+    initial = {k: v.clone() for k, v in trainer.model_state_dict().items()}
+    trainer.train()
+    state = trainer.model_state_dict()
+    if fsdp:  # local_rows cuts a dim-0 DTensor as DTensor does, also unevenly (5 rows over 2 ranks)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        full = torch.arange(10.0).view(5, 2)
+        local, first = local_rows(distribute_tensor(full, init_device_mesh("cpu", (2,)), [Shard(0)]))
+        assert torch.equal(local, full[first:first + local.shape[0]]), (first, local)
+    if trainer.dist.rank == 0:
+        torch.save({"initial": initial, "final": state, "selected": trainer.selected}, out + "/result.pt")
+""")
+
+
+def test_esft_under_fsdp_trains_the_same_experts_as_one_process(tmp_path):
+    """ESFT with FSDP2 on 2 processes (gloo): the masks reach the sharded gradients, so the frozen
+    experts stay bit-identical and the weights equal a one-process run's over the same global
+    batches (2 micro-batches per step)."""
+    records = [{"prompt": f"{a}*{b}=", "response": str(a * b)} for a in range(6) for b in range(4)]
+    data = write(tmp_path / "d.jsonl", records)
+    script = tmp_path / "esft_fsdp.py"
+    script.write_text(ESFT_FSDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "0", "2"], check=True, env=env,
+                   timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                    data, str(tmp_path / "two"), "1", "1"], check=True, env=env, timeout=300)
+    one, two = torch.load(tmp_path / "one" / "result.pt"), torch.load(tmp_path / "two" / "result.pt")
+    assert one["selected"] == two["selected"]
+    selected = one["selected"]["model.layers.1.mlp"]
+    frozen = [e for e in range(DeepseekConfig.preset("tiny").n_routed_experts) if e not in selected]
+    assert selected and frozen
+    for name in ("gate_up_proj", "down_proj"):
+        key = f"model.layers.1.mlp.experts.{name}"
+        assert torch.equal(two["final"][key][frozen], two["initial"][key][frozen]), key
+        assert not torch.equal(two["final"][key][selected], two["initial"][key][selected]), key
+    for key in one["final"]:
+        torch.testing.assert_close(two["final"][key], one["final"][key], rtol=1e-4, atol=1e-6, msg=key)

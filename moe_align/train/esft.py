@@ -5,7 +5,8 @@
 2. Selection: per layer, the fewest experts whose shares, taken from the largest, add up to at
    least ``threshold``.
 3. Training: SFT with every other parameter frozen — the unselected experts' slices of the fused
-   ``gate_up_proj`` / ``down_proj`` get zero gradients, and everything outside the routed experts
+   ``gate_up_proj`` / ``down_proj`` get zero gradients (masked once a step's gradients are
+   complete, so also in this rank's shard under FSDP), and everything outside the routed experts
    (attention, shared experts, router, embeddings) is frozen unless named in ``unfreeze``.
 
 With zero gradients from the first step AdamW's moments stay 0 for the frozen experts, so their
@@ -78,9 +79,6 @@ class ESFTTrainer(SFTTrainer):
 
     def setup_model(self) -> None:
         config = self.config
-        if config.fsdp:
-            raise ValueError("ESFT does not support fsdp=True (its expert gradient masks are per-parameter hooks "
-                             "that sharding would drop); use data parallelism")
         if config.weight_decay:
             raise ValueError("ESFT needs weight_decay=0: AdamW's decay would move the frozen experts")
         examples = self.examples()
@@ -99,16 +97,48 @@ class ESFTTrainer(SFTTrainer):
 
         for name, param in self.model.named_parameters():
             param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in config.unfreeze))
+        # Masks by parameter name: FSDP replaces the parameters (by sharded ones) after this, so
+        # the masks are applied to whatever `p.grad` is once the step's gradients are complete.
+        self.expert_masks: dict[str, torch.Tensor] = {}
         for name, layer in self.model.named_modules():
             if name not in self.selected:
                 continue
             mask = torch.zeros(layer.experts.gate_up_proj.shape[0], dtype=torch.bool, device=self.device)
             mask[self.selected[name]] = True
-            for param in (layer.experts.gate_up_proj, layer.experts.down_proj):
-                param.requires_grad_(True)
-                param.register_hook(lambda g, keep=mask: g * keep.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            for param_name in ("gate_up_proj", "down_proj"):
+                getattr(layer.experts, param_name).requires_grad_(True)
+                self.expert_masks[f"{name}.experts.{param_name}"] = mask
         if self.dist.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "esft_experts.json"), "w") as f:
                 json.dump({name: {"selected": sel, "shares": [round(float(x), 6) for x in self.shares[name]]}
                            for name, sel in self.selected.items()}, f, indent=2)
+
+    @torch.no_grad()
+    def process_gradients(self) -> None:
+        """Zero the gradient rows of the unselected experts (in this rank's shard under FSDP)."""
+        for name, param in self.model.named_parameters():
+            mask = self.expert_masks.get(name)
+            if mask is None or param.grad is None:
+                continue
+            grad, first_row = local_rows(param.grad)
+            keep = mask[first_row:first_row + grad.shape[0]]
+            grad.mul_(keep.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's rows of ``tensor`` and the global index of the first: the tensor itself and 0,
+    or for a DTensor sharded on dim 0 (FSDP2), its local shard, cut as ``torch.chunk`` cuts."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    if tuple(tensor.placements) != (Shard(0),):
+        raise ValueError(f"expected a DTensor sharded on dim 0 over one mesh dimension, got {tensor.placements}")
+    rows, mesh = tensor.shape[0], tensor.device_mesh
+    chunk = -(-rows // mesh.size())
+    first = min(mesh.get_local_rank() * chunk, rows)
+    local = tensor.to_local()
+    if local.shape[0] != min(chunk, rows - first):
+        raise RuntimeError(f"a shard of {local.shape[0]} rows does not match torch.chunk's cut at row {first}")
+    return local, first

@@ -624,11 +624,6 @@ class GRPOTrainer(Trainer):
                               beta=config.beta, loss_type=config.loss_type, max_len=config.max_new_tokens,
                               sampler_logp=take(batch.sampler_logp), tis_cap=config.tis_cap)
 
-    def clip_gradients(self) -> float:
-        if self.config.grad_clip > 0:
-            return float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
-
     def move_optimizer_state(self, device: torch.device) -> None:
         """Move AdamW's moments (not its step counters) to ``device`` (``optimizer_on_cpu``)."""
         if not self.config.optimizer_on_cpu or self.device.type == "cpu":

@@ -278,6 +278,10 @@ class Trainer:
     def setup_model(self) -> None:
         """Called after the model is on its device, before the optimizer is built (freeze here)."""
 
+    def process_gradients(self) -> None:
+        """Called once the step's gradients are complete (reduced over ranks, sharded under FSDP),
+        before clipping and the optimizer step: mask or rescale ``p.grad`` in place here."""
+
     def build_objective(self) -> nn.Module:
         """The module whose forward carries the gradient (wrapped by DDP / FSDP): log-probs by default."""
         return TokenLogprobs(self.model)
@@ -387,10 +391,7 @@ class Trainer:
                 loss.backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        if self.config.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip))
-        else:
-            grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
+        grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         if self.config.bias_update_speed:
@@ -401,6 +402,14 @@ class Trainer:
             out = {k: (v / count if not k.startswith("num_") else v) for k, v in out.items()}
         out["grad_norm"] = grad_norm
         return out
+
+    def clip_gradients(self) -> float:
+        """After a step's backward passes: :meth:`process_gradients`, then clip the gradients to
+        ``grad_clip`` (0: no clipping); returns their total norm before clipping."""
+        self.process_gradients()
+        if self.config.grad_clip > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in self.trainable if p.grad is not None]))
 
     def train(self) -> dict[str, float]:
         """Run to ``total_steps``; returns the last step's metrics."""
