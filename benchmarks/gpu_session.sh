@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# A lent GPU session in calls of at most 10 minutes (the device tool's limit), each on a machine
+# that may be fresh: every stage first builds the CUDA kernels unless `moe_align._C` already
+# imports with them. Logs and result tables go to $OUT, which the device tool brings back; copy
+# the tables into benchmarks/results/ and commit them.
+#
+#   bash benchmarks/gpu_session.sh test        # build, then the whole test suite on the GPU
+#   bash benchmarks/gpu_session.sh bench-ops   # bench_moe, bench_mla, bench_logprobs
+#   bash benchmarks/gpu_session.sh bench-train # bench_train, bench_grpo
+#   bash benchmarks/gpu_session.sh all         # the three in one go (a longer call)
+#
+# The device machine gets the working tree without .git: name the commit for the tables' headers,
+#   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test
+#
+# Every step runs under its own time limit (seconds, the STEP_LIMIT_* variables below), so one
+# that runs long leaves the others their time and its log still comes back.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/moe_align_gpu}
+mkdir -p "$OUT"
+
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+case "$gpu_name" in
+  *H100*) tag=h100 ;;
+  *H200*) tag=h200 ;;
+  "") echo "no GPU (nvidia-smi found none)"; exit 1 ;;
+  *) tag=$(echo "$gpu_name" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z') ;;
+esac
+
+step() {  # step NAME LIMIT COMMAND...: run it with its log in $OUT/NAME.log, print its tail
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc after $((SECONDS - start))s$([ $rc -eq 124 ] && echo ' (time limit)')"
+  { tail -n "${TAIL_LINES:-25}" "$OUT/$name.log"; echo; } | sed '/^$/d; s/^/   | /'
+  return 0
+}
+
+build() {
+  if python3 -c "import moe_align._build_info as b, moe_align._C, sys; sys.exit(0 if b.WITH_CUDA else 1)" \
+      2>/dev/null; then
+    echo "== build: moe_align._C with CUDA kernels already imports"
+    return
+  fi
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+  MOE_ALIGN_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    step build "${STEP_LIMIT_BUILD:-300}" pip install --no-deps --no-build-isolation -e .
+  python3 -c "import moe_align._build_info as b, moe_align._C; assert b.WITH_CUDA, 'built without CUDA'" \
+    || { echo "the build failed: see $OUT/build.log"; exit 1; }
+}
+
+test_suite() {
+  # Not -x: a GPU session is rare, so every failure is worth seeing at once.
+  TAIL_LINES=60 step pytest "${STEP_LIMIT_TEST:-420}" \
+    python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 tests
+}
+
+bench() {  # bench NAME LIMIT EXTRA_ARGS...: benchmarks/bench_NAME.py on the GPU, its table in $OUT
+  local name=$1 limit=$2
+  shift 2
+  step "bench_$name" "$limit" python3 "benchmarks/bench_$name.py" --device cuda \
+    --markdown "$OUT/${name}_${tag}.md" --csv "$OUT/${name}_${tag}.csv" "$@"
+}
+
+bench_ops() {
+  bench moe "${STEP_LIMIT_MOE:-200}"
+  bench mla "${STEP_LIMIT_MLA:-200}"
+  bench logprobs "${STEP_LIMIT_LOGPROBS:-120}"
+}
+
+bench_train() {
+  bench train "${STEP_LIMIT_TRAIN:-240}"
+  bench grpo "${STEP_LIMIT_GRPO:-240}"
+}
+
+echo "GPU: $gpu_name; commit ${MOE_ALIGN_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}; results in $OUT"
+build
+case "${1:-all}" in
+  test) test_suite ;;
+  bench-ops) bench_ops ;;
+  bench-train) bench_train ;;
+  all) test_suite; bench_ops; bench_train ;;
+  *) echo "usage: $0 test|bench-ops|bench-train|all"; exit 2 ;;
+esac
+ls -l "$OUT"
