@@ -72,7 +72,7 @@ def default_config(device: torch.device, fp32_dot: bool, vocab: int) -> Logprobs
         return LogprobsConfig(16, bv, 32, 4 * bv, mm_dw=(bv, 32, 32), mm_dh=(32, 32, bv))
     if fp32_dot:  # float32 FMA (input_precision="ieee"): smaller tiles, fewer registers.
         return LogprobsConfig(64, 64, 32, 8192, mm_dw=(64, 64, 32), mm_dh=(64, 64, 32),
-                              num_warps=4, num_stages=2)
+                              num_warps=8, num_stages=2)
     return LogprobsConfig(128, 128, 64, 8192, mm_dw=(128, 128, 64), mm_dh=(128, 128, 64),
                           num_warps=8, num_stages=3)
 

@@ -41,6 +41,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     combine_block_m: int = 16
+    combine_num_warps: int = 4
 
 
 def default_config(device: torch.device, rows: int, d_lat: int, dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
@@ -48,7 +49,7 @@ def default_config(device: torch.device, rows: int, d_lat: int, dtype: torch.dty
     accumulator per program and a pipelined [BLOCK_N, D_lat + D_rope] key tile in shared memory
     (BLOCK_N = 32, D = 576, bf16: 36 KiB per stage), sized so that no kernel spills registers."""
     if device.type != "cuda":
-        return DecodeConfig(16, 16, 1, 1)
+        return DecodeConfig(16, 16, 1, 1, combine_num_warps=1)
     if dtype == torch.float32:  # exact products without tensor cores: a correctness reference
         return DecodeConfig(16, 16, 8, 2)
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
@@ -228,7 +229,7 @@ def mla_decode_triton(
         part_o, part_lse, split_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         s_q, num_heads, D_LAT=d_lat, BLOCK_DL=block_dl, BLOCK_M=cfg.combine_block_m,
-        num_warps=4 if device.type == "cuda" else 1,
+        num_warps=cfg.combine_num_warps,
     )
     return out, lse
 
