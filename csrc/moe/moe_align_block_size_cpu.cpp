@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "moe/moe_align_block_size.h"
 #include "ops.h"
 
 namespace moe_align {
@@ -25,22 +26,10 @@ constexpr int64_t kMinChunkElems = 1 << 16;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
     const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
   TORCH_CHECK(topk_ids.device().is_cpu(), "moe_align_block_size: topk_ids must be a CPU tensor");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt,
-              "moe_align_block_size: topk_ids must be int32, got ", topk_ids.scalar_type());
-  TORCH_CHECK(topk_ids.dim() == 2, "moe_align_block_size: topk_ids must be 2-D, got ",
-              topk_ids.dim(), " dims");
-  TORCH_CHECK(topk_ids.is_contiguous(), "moe_align_block_size: topk_ids must be contiguous");
   TORCH_CHECK(num_experts >= 1 && num_experts <= std::numeric_limits<int32_t>::max(),
               "moe_align_block_size: num_experts must be in [1, 2**31), got ", num_experts);
-  TORCH_CHECK(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: block_size must be in [1, 2**31), got ", block_size);
+  const int64_t max_padded = moe_align_max_padded(topk_ids, num_experts, block_size);
   const int64_t numel = topk_ids.numel();
-  TORCH_CHECK(numel < std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: too many routed pairs (", numel, ")");
-  const int64_t max_padded = numel + std::min(num_experts, numel) * (block_size - 1);
-  TORCH_CHECK(max_padded < std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: the layout needs ", max_padded,
-              " slots; int32 ids hold < 2**31");
   const int64_t num_blocks = (max_padded + block_size - 1) / block_size;
 
   const auto options = topk_ids.options();

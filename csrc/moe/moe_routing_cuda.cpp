@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "moe/moe_align_block_size.h"
 #include "moe/moe_kernels.cuh"
 #include "ops.h"
 
@@ -16,23 +17,11 @@ namespace moe_align {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(
     const at::Tensor& topk_ids, int64_t num_experts, int64_t block_size) {
   TORCH_CHECK(topk_ids.is_cuda(), "moe_align_block_size: topk_ids must be a CUDA tensor");
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt,
-              "moe_align_block_size: topk_ids must be int32, got ", topk_ids.scalar_type());
-  TORCH_CHECK(topk_ids.dim() == 2, "moe_align_block_size: topk_ids must be 2-D, got ",
-              topk_ids.dim(), " dims");
-  TORCH_CHECK(topk_ids.is_contiguous(), "moe_align_block_size: topk_ids must be contiguous");
   TORCH_CHECK(num_experts >= 1 && num_experts <= kMoeAlignMaxExperts,
               "moe_align_block_size: the CUDA kernel takes 1 to ", kMoeAlignMaxExperts,
               " experts, got ", num_experts);
-  TORCH_CHECK(block_size >= 1 && block_size <= std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: block_size must be in [1, 2**31), got ", block_size);
+  const int64_t max_padded = moe_align_max_padded(topk_ids, num_experts, block_size);
   const int64_t numel = topk_ids.numel();
-  TORCH_CHECK(numel < std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: too many routed pairs (", numel, ")");
-  const int64_t max_padded = numel + std::min(num_experts, numel) * (block_size - 1);
-  TORCH_CHECK(max_padded < std::numeric_limits<int32_t>::max(),
-              "moe_align_block_size: the layout needs ", max_padded,
-              " slots; int32 ids hold < 2**31");
   const int64_t num_blocks = (max_padded + block_size - 1) / block_size;
 
   const c10::cuda::CUDAGuard device_guard(topk_ids.device());
