@@ -73,11 +73,16 @@ def _tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BLOCK_M: tl.constexpr):
-    """The flat pair indices (int64) of one block of slots and which of them are real pairs."""
+def _expert_block_tile(sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_pairs, num_cols,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (row block, column tile) of the expert-sorted layout: the block's expert, the flat pair
+    indices of its slots and which of them are real pairs, the tile's columns and which of them
+    are below ``num_cols`` (expert, pairs and columns as int64)."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     slots = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ids_ptr + slots).to(tl.int64)
-    return pair, pair < num_pairs
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pair, pair < num_pairs, cols.to(tl.int64), cols < num_cols
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,12 +103,9 @@ def _gate_up_swiglu_kernel(
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    pair, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BLOCK_M)
+    expert, pair, valid, cols, col_ok = _expert_block_tile(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_pairs, inter, BLOCK_M, BLOCK_N)
     token = pair // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
-    cols = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     stride_xh = tl.cast(stride_xh, tl.int64)
     stride_wh = tl.cast(stride_wh, tl.int64)
@@ -154,11 +156,8 @@ def _pair_rows_gemm_kernel(
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, tl.cdiv(n_out, BLOCK_N), GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    pair, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < n_out
-    cols = cols.to(tl.int64)
+    expert, pair, valid, cols, col_ok = _expert_block_tile(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_pairs, n_out, BLOCK_M, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     stride_bk = tl.cast(stride_bk, tl.int64)
 
@@ -225,12 +224,9 @@ def _swiglu_backward_kernel(
     pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    pair, valid = _block_pairs(sorted_ids_ptr, pid_m, num_pairs, BLOCK_M)
+    expert, pair, valid, cols, col_ok = _expert_block_tile(
+        sorted_ids_ptr, block_expert_ptr, pid_m, pid_n, num_pairs, inter, BLOCK_M, BLOCK_N)
     token = pair // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
-    cols = cols.to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     stride_dyh = tl.cast(stride_dyh, tl.int64)
     stride_dh = tl.cast(stride_dh, tl.int64)

@@ -91,6 +91,26 @@ def _pow2(d: int) -> int:
 
 
 @triton.jit
+def _query_tile(
+    QN, QR, seq_start, seq_len, m_start, head, s_qn_t, s_qn_h, s_qr_t, s_qr_h,
+    D_NOPE: tl.constexpr, D_ROPE: tl.constexpr,
+    BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Query rows ``m_start ..`` of one sequence and head: (offs_m, rows, row_valid, q_nope, q_rope),
+    ``rows`` the int64 token indices, ``offs_m`` the positions in the sequence."""
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_dn = tl.arange(0, BLOCK_DN)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    row_valid = offs_m < seq_len
+    rows = (seq_start + offs_m).to(tl.int64)
+    q_nope = tl.load(QN + rows[:, None] * s_qn_t + head * s_qn_h + offs_dn[None, :],
+                     mask=row_valid[:, None] & (offs_dn[None, :] < D_NOPE), other=0.0)
+    q_rope = tl.load(QR + rows[:, None] * s_qr_t + head * s_qr_h + offs_dr[None, :],
+                     mask=row_valid[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
+    return offs_m, rows, row_valid, q_nope, q_rope
+
+
+@triton.jit
 def _fwd_tile(
     acc, l_i, m_i, q_nope, q_rope,
     kn_base, kr_base, v_base, s_kn_t, s_kr_t, s_v_t,
@@ -142,17 +162,13 @@ def _mla_fwd_kernel(
     if m_start >= seq_len:
         return
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m, rows, row_valid, q_nope, q_rope = _query_tile(
+        QN, QR, seq_start, seq_len, m_start, head, s_qn_t, s_qn_h, s_qr_t, s_qr_h,
+        D_NOPE, D_ROPE, BLOCK_DN, BLOCK_DR, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dn = tl.arange(0, BLOCK_DN)
     offs_dr = tl.arange(0, BLOCK_DR)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_valid = offs_m < seq_len
-    rows = (seq_start + offs_m).to(tl.int64)
-    q_nope = tl.load(QN + rows[:, None] * s_qn_t + head * s_qn_h + offs_dn[None, :],
-                     mask=row_valid[:, None] & (offs_dn[None, :] < D_NOPE), other=0.0)
-    q_rope = tl.load(QR + rows[:, None] * s_qr_t + head * s_qr_h + offs_dr[None, :],
-                     mask=row_valid[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
 
     base = seq_start.to(tl.int64)
     kn_base = KN + base * s_kn_t + head * s_kn_h
@@ -355,17 +371,13 @@ def _mla_bwd_dq_kernel(
     if m_start >= seq_len:
         return
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m, rows, row_valid, qn, qr = _query_tile(
+        QN, QR, seq_start, seq_len, m_start, head, s_qn_t, s_qn_h, s_qr_t, s_qr_h,
+        D_NOPE, D_ROPE, BLOCK_DN, BLOCK_DR, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dn = tl.arange(0, BLOCK_DN)
     offs_dr = tl.arange(0, BLOCK_DR)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_valid = offs_m < seq_len
-    rows = (seq_start + offs_m).to(tl.int64)
-    qn = tl.load(QN + rows[:, None] * s_qn_t + head * s_qn_h + offs_dn[None, :],
-                 mask=row_valid[:, None] & (offs_dn[None, :] < D_NOPE), other=0.0)
-    qr = tl.load(QR + rows[:, None] * s_qr_t + head * s_qr_h + offs_dr[None, :],
-                 mask=row_valid[:, None] & (offs_dr[None, :] < D_ROPE), other=0.0)
     do = tl.load(DO + rows[:, None] * s_do_t + head * s_do_h + offs_dv[None, :],
                  mask=row_valid[:, None] & (offs_dv[None, :] < D_V), other=0.0)
     lse2 = tl.load(LSE + rows * NUM_HEADS + head, mask=row_valid, other=0.0) * 1.4426950408889634
