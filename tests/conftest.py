@@ -19,6 +19,27 @@ torch.set_num_threads(1)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def cpu_subprocess_env() -> dict[str, str]:
+    """The environment of a test's child processes (torchrun, the CLI): one thread, and no GPU,
+    so that trainer tests check their fp32 / gloo semantics on a GPU machine too (a child does
+    not load this conftest)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.fixture(autouse=True)
+def trainers_on_cpu(request, monkeypatch):
+    """On a GPU machine a trainer's ``device="auto"`` would pick cuda:0 and bf16 autocast; the
+    trainer tests check fp32 semantics against hand computations, so "auto" means the CPU here.
+    Tests marked ``trainer_gpu`` keep the real choice."""
+    if not torch.cuda.is_available() or request.node.get_closest_marker("trainer_gpu") is not None:
+        return
+    import moe_align.train.trainer as trainer_module
+
+    resolve = trainer_module.resolve_device
+    monkeypatch.setattr(trainer_module, "resolve_device",
+                        lambda name, local_rank=0: resolve("cpu" if name == "auto" else name, local_rank))
+
+
 def interrupt_during_step(trainer, step: int) -> None:
     """Make ``trainer.train()`` raise KeyboardInterrupt when it starts step ``step`` (1-based), as
     if the process were killed then; the steps before it run as usual."""

@@ -387,6 +387,18 @@ def test_default_init_and_dtype_cast():
     assert moe.gate.tokens_per_expert.dtype == torch.int64
 
 
+def test_router_stays_fp32_under_autocast():
+    """The router's logits are fp32 under bf16 autocast (autocast would run its linear in bf16,
+    and with many experts bf16 logits tie and change the routing)."""
+    moe, _ = make_moe("v3")
+    x = torch.randn(6, H)
+    want_logits, want_w, want_ids = moe.gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, weights, ids = moe.gate(x)
+    assert logits.dtype == torch.float32 and weights.dtype == torch.float32
+    assert torch.equal(logits, want_logits) and torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+
+
 def test_input_not_modified():
     moe, _ = make_moe("v3")
     x = torch.randn(5, H)

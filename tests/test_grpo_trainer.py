@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import cpu_subprocess_env, requires_cuda
 
 from moe_align.train.grpo import (GRPOConfig, GRPOTrainer, completion_logps, grpo_step_loss,
                                   masked_group_advantages)
@@ -177,6 +178,38 @@ def test_grpo_learns_the_rewarded_arm(tmp_path):
     # exactly the update's, so the ratio is exactly 1 and nothing is clipped
     assert all(m["ratio/mean"] == 1.0 and m["clip_ratio/region_mean"] == 0.0 for m in log)
     assert all(0 < m["entropy"] < math.log(tok.vocab_size) for m in log)
+
+
+def test_bf16_autocast_first_pass_ratio_is_exactly_one(tmp_path):
+    """Under bf16 autocast (the GPU default) the old log-probs, taken with the entropy, go through
+    the casts of the update's fused head, so the first pass's ratio is still exactly 1."""
+    register_reward("test_pick_a", lambda prompts, completions, **kw: [float(c == "a") for c in completions],
+                    override=True)
+    tok = CharTokenizer("ab")
+    data = write_prompts(tmp_path / "p.jsonl", ["a", "b", "ab", "ba"])
+    config = tiny_config(tmp_path, data=data, max_new_tokens=3, group_size=4, prompts_per_step=2, bf16="on",
+                         beta=0.01, max_steps=2, rewards={"test_pick_a": 1.0})
+    GRPOTrainer(config, tokenizer=tok).train()
+    log = read_metrics(config.output_dir)
+    assert len(log) == 2 and all(m["ratio/mean"] == 1.0 for m in log)
+
+
+@requires_cuda
+@pytest.mark.trainer_gpu
+def test_grpo_step_on_the_gpu(tmp_path):
+    """device="auto" on a GPU machine: paged-cache rollouts, bf16 autocast, ratio exactly 1 on the
+    first pass, finite metrics."""
+    register_reward("test_pick_a", lambda prompts, completions, **kw: [float(c == "a") for c in completions],
+                    override=True)
+    tok = CharTokenizer("ab")
+    data = write_prompts(tmp_path / "p.jsonl", ["a", "b", "ab", "ba"])
+    config = tiny_config(tmp_path, data=data, max_new_tokens=4, beta=0.01, max_steps=2,
+                         rewards={"test_pick_a": 1.0})
+    trainer = GRPOTrainer(config, tokenizer=tok)
+    assert trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
+    trainer.train()
+    log = read_metrics(config.output_dir)
+    assert len(log) == 2 and all(m["ratio/mean"] == 1.0 and math.isfinite(m["loss"]) for m in log)
 
 
 # ---- 3. rewards combine as eq. 36; two stages -----------------------------------------------------------
@@ -427,7 +460,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_two_processes_match_one_process(tmp_path):
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(script), str(tmp_path / "two")], check=True, env=env)
@@ -451,7 +484,7 @@ def test_cli_runs_two_stages(tmp_path):
     out = subprocess.run([sys.executable, "-m", "moe_align", "grpo", "--model", "tiny", "--group-size", "2",
                           "--prompts-per-step", "2", "--max-new-tokens", "4", "--stages", stages,
                           "--stop-strings", '["\\n"]', "--output-dir", str(tmp_path / "cli"), "--no-progress"],
-                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         capture_output=True, text=True, env=cpu_subprocess_env())
     assert out.returncode == 0, out.stderr
     assert [m["stage"] for m in read_metrics(tmp_path / "cli")] == [0, 1]
     assert os.path.isfile(tmp_path / "cli" / "checkpoint-2" / "model.safetensors")

@@ -214,6 +214,26 @@ def test_loss_logits_and_gradients_match(kind, implementation, count_calls):
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
+def test_bf16_autocast_loss_and_gradients_match(kind, count_calls):
+    """Under bf16 autocast (a GPU trainer's default) the patched attention and loss cast their
+    custom ops' inputs to bf16 as transformers' linears are: the loss and gradients agree to bf16
+    tolerance."""
+    reference, model = reference_and_patched(kind)
+    ids, labels = random_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, loss = reference(ids, labels=labels).loss, model(ids, labels=labels).loss
+    assert count_calls() == {"mla_varlen_attention": 2, "linear_logprobs": 1}
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    ref_loss.backward()
+    loss.backward()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is not None and p.grad is not None:
+            assert torch.isfinite(p.grad).all(), name
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref.grad.flatten(), dim=0)
+            assert cos > 0.98 or ref.grad.norm() < 1e-3, (name, float(cos))
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_padded_batch_matches(kind, padding, count_calls):
     reference, model = reference_and_patched(kind, seed=2)

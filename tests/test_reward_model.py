@@ -3,7 +3,6 @@ batches, training on the built-in pairs, files, the reward-function protocol, da
 
 import json
 import math
-import os
 import random
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import interrupt_during_step
+from conftest import cpu_subprocess_env, interrupt_during_step
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train import checkpoint as ckpt
@@ -391,7 +390,7 @@ def test_two_processes_match_one_process(tmp_path):
     namespace = {}
     exec(compile(DDP_SCRIPT, str(script), "exec"), namespace)
     namespace["run"](str(tmp_path / "one"), 2)  # one process accumulating the two micro-batches
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                     f"--master_port={free_port()}", str(script), str(tmp_path / "two"), "1"],
                    check=True, env=env, timeout=300)

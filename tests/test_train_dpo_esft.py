@@ -1,13 +1,13 @@
 """DPO raises the chosen-vs-rejected margin; ESFT trains only the selected experts."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import cpu_subprocess_env
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train.data import PackedBatch, encode_sft_record
@@ -153,7 +153,7 @@ def test_esft_under_fsdp_trains_the_same_experts_as_one_process(tmp_path):
     data = write(tmp_path / "d.jsonl", records)
     script = tmp_path / "esft_fsdp.py"
     script.write_text(ESFT_FSDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "0", "2"], check=True, env=env,
                    timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import interrupt_during_step
+from conftest import cpu_subprocess_env, interrupt_during_step, requires_cuda
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train.data import (IGNORE_INDEX, DatasetError, PackedBatch, PackedLoader, encode_sft_record,
@@ -200,7 +200,7 @@ def test_two_processes_match_one_process(tmp_path):
     data = write_records(tmp_path / "d.jsonl", addition_records(30))
     script = tmp_path / "ddp_step.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "2"], check=True, env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(script), data, str(tmp_path / "two"), "1"], check=True, env=env, timeout=300)
@@ -210,6 +210,21 @@ def test_two_processes_match_one_process(tmp_path):
     assert one["metrics"]["loss"] == pytest.approx(two["metrics"]["loss"], rel=1e-5)
     for name, grad in one["grads"].items():
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resolve_device_gives_cuda_this_processes_index(monkeypatch):
+    """torch.cuda.set_device and DDP need an index: "cuda" and "auto" mean cuda:LOCAL_RANK."""
+    from moe_align.train.trainer import resolve_device
+
+    assert resolve_device("cpu", 1) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", 1) == torch.device("cuda", 1)
+    assert resolve_device("auto", 1) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0", 1) == torch.device("cuda", 0)
 
 
 def test_cli_help_and_a_short_run(tmp_path):
@@ -247,7 +262,7 @@ def test_fsdp_two_processes_train_and_resume_like_one_process(tmp_path):
     data = write_records(tmp_path / "d.jsonl", addition_records(30))
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = cpu_subprocess_env()
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), data]
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "2", "0", "3"], check=True, env=env,
                    timeout=300)
@@ -259,3 +274,17 @@ def test_fsdp_two_processes_train_and_resume_like_one_process(tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
     steps = [json.loads(x)["step"] for x in open(tmp_path / "two" / "metrics.jsonl")]
     assert steps == [1, 2, 3]
+
+
+@requires_cuda
+@pytest.mark.trainer_gpu
+def test_sft_on_the_gpu_with_bf16_autocast(tmp_path):
+    """device="auto" on a GPU machine: cuda:0, bf16 autocast; the loss falls and is finite."""
+    data = write_records(tmp_path / "d.jsonl", addition_records(24))
+    trainer = SFTTrainer(SFTConfig(model="tiny", data=data, output_dir=str(tmp_path / "run"), batch_tokens=64,
+                                   max_seq_len=32, lr=1e-2, max_steps=12, progress=False))
+    assert trainer.device == torch.device("cuda", 0) and trainer.autocast_dtype == torch.bfloat16
+    trainer.train()
+    log = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) and m["peak_mem_gb"] > 0 for m in log)
+    assert log[-1]["loss"] < log[0]["loss"]

@@ -276,7 +276,8 @@ class MoEGate(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden_states [N, H]`` -> ``(router_logits fp32 [N, E], topk_weights fp32 [N, K],
         topk_ids int32 [N, K])``, the outputs of transformers' routers (ids there are int64)."""
-        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        with torch.autocast(hidden_states.device.type, enabled=False):  # autocast would make it bf16
+            router_logits = F.linear(hidden_states.float(), self.weight.float())
         bias = self.e_score_correction_bias
         topk_weights, topk_ids = grouped_topk(
             router_logits, self.top_k, correction_bias=None if bias is None else bias.float(),

@@ -139,11 +139,17 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"``: this process's GPU if there is one, else the CPU. ``"cuda"`` without an index
+    means the process's own GPU (``LOCAL_RANK`` under torchrun), as ``torch.cuda.set_device`` and
+    DDP need an index."""
     if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but torch sees no CUDA device")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
     return device
 
 
@@ -345,9 +351,7 @@ class Trainer:
         """Sum of a number over all ranks."""
         if self.dist.world_size == 1:
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t)
+        return float(self.all_reduce_(torch.tensor([float(value)], dtype=torch.float64)))
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.dist.world_size > 1:
