@@ -122,7 +122,7 @@ def check_against_oracle(moe, fields, x, seed=1, rtol=1e-5):
     x = x.detach().requires_grad_(True)
     out = moe(x)
     assert out.shape == x.shape and out.dtype == x.dtype
-    grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
+    grad_out = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
     moe.zero_grad(set_to_none=True)
     (out * grad_out).sum().backward()
 

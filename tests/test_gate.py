@@ -48,7 +48,7 @@ def oracle_for(logits, top_k, kwargs, bias):
 def check_against_oracle(logits, top_k, kwargs, bias, backward=True):
     x = logits.detach().clone().requires_grad_(backward)
     weights, ids = grouped_topk(x, top_k, correction_bias=bias, **kwargs)
-    want_w, want_ids, logits64 = oracle_for(logits, top_k, kwargs, bias)
+    want_w, want_ids, logits64 = oracle_for(logits.cpu(), top_k, kwargs, None if bias is None else bias.cpu())
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     assert weights.shape == ids.shape == (logits.shape[0], top_k)
     # Both sides list experts in descending order of their selection score.

@@ -189,13 +189,16 @@ def test_frozen_weight_gets_no_gradient(backend, backend_name):
 def test_triton_tile_sizes_change_only_rounding():
     from moe_align.kernels.linear_logprobs import LogprobsConfig, logprobs_backward, logprobs_forward
 
-    hidden, weight, targets = make_inputs(20, 48, 600, seed=13)
+    # the kernels themselves: on the GPU, or on the CPU through the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, targets = (t.to(device) for t in make_inputs(20, 48, 600, seed=13))
     small = LogprobsConfig(16, 64, 16, 128, mm_dw=(64, 16, 16), mm_dh=(16, 16, 64))
     large = LogprobsConfig(32, 256, 64, 512, mm_dw=(256, 64, 32), mm_dh=(32, 64, 256))
     results = []
     for cfg in (small, large):
         logp, ent, lse = logprobs_forward(hidden, weight, targets, None, 1.0, True, False, cfg)
-        grads = logprobs_backward(torch.ones(20), torch.ones(20), hidden, weight, targets, None, lse, ent,
+        ones = torch.ones(20, device=device)
+        grads = logprobs_backward(ones, ones, hidden, weight, targets, None, lse, ent,
                                   1.0, False, budget_elems=20 * 300, config=cfg)
         results.append((logp, ent, *grads))
     for a, b in zip(*results):

@@ -302,7 +302,8 @@ def test_cuda_single_long_sequence_many_splits(backend):
 def test_cuda_graph_capture(backend):
     """Plan + decode captured once, replayed after the cache lengths grew: no host sync inside."""
     backend("triton")
-    q_latent, q_rope, cache, table, seqlens = make_case([300, 17, 64], 1, 16, 512, 64, 64, torch.bfloat16,
+    # every replayed length stays within the blocks its sequence owns (200 -> 4 blocks of 64)
+    q_latent, q_rope, cache, table, seqlens = make_case([300, 17, 200], 1, 16, 512, 64, 64, torch.bfloat16,
                                                         device="cuda")
     cache = cache.nan_to_num()
     table = table.contiguous()
@@ -320,7 +321,7 @@ def test_cuda_graph_capture(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out, lse = step()
-    static["seqlens"].copy_(torch.tensor([310, 1, 128], dtype=torch.int32, device="cuda"))
+    static["seqlens"].copy_(torch.tensor([310, 1, 256], dtype=torch.int32, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()
     ref_out, ref_lse = decode_dense(static["q_latent"], static["q_rope"], cache, table, static["seqlens"], 0.1)

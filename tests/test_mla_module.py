@@ -44,7 +44,8 @@ def oracle_forward(module, hidden, positions, cu_seqlens):
     cfg = module.config
     inv_freq, scaling = cfg.rope_frequencies()
     dims = (HEADS, D_NOPE, D_ROPE, D_V, D_LAT)
-    return mla_layer_oracle(module.state_dict(), dims, hidden.cpu(), positions.cpu(), cu_seqlens.cpu(),
+    params = {k: v.cpu() for k, v in module.state_dict().items()}
+    return mla_layer_oracle(params, dims, hidden.cpu(), positions.cpu(), cu_seqlens.cpu(),
                             inv_freq, scaling, cfg.softmax_scale, cfg.rope_interleave)
 
 

@@ -321,7 +321,10 @@ class MLACache:
     def begin_step(self, seq_ids: Sequence[int], num_new_tokens: int = 1) -> MLADecodeStep:
         """Reserve cache slots for ``num_new_tokens`` new tokens of each sequence and build the
         step's metadata (also kept in ``self.step`` for the layers). Lengths advance now: run
-        every layer on the step's tokens before the next call."""
+        every layer on the step's tokens before the next call. Each call builds new metadata
+        tensors, so a CUDA graph cannot replay a captured module step on later steps; capture at
+        the op level instead (``mla_decode_plan`` + ``mla_decode`` on static buffers updated with
+        ``copy_``)."""
         seq_ids = tuple(self._known(s) for s in seq_ids)
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"seq_ids has duplicates: {seq_ids}")

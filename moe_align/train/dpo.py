@@ -33,10 +33,11 @@ class DPOConfig(TrainConfig):
 
 
 def sequence_logprobs(logp: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Per-sequence sums ``[N]`` of packed per-token log-probs ``[T]`` (0 on ignored targets)."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=logp.device), lengths)
-    return torch.zeros(lengths.numel(), dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    """Per-sequence sums ``[N]`` of packed per-token log-probs ``[T]`` (0 on ignored targets), as
+    differences of a float64 prefix sum: deterministic on a GPU too (index_add's atomics are not)."""
+    prefix = torch.nn.functional.pad(logp.double().cumsum(0), (1, 0))
+    bounds = cu_seqlens.long()
+    return (prefix[bounds[1:]] - prefix[bounds[:-1]]).to(logp.dtype)
 
 
 class DPOTrainer(Trainer):

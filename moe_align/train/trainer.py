@@ -436,7 +436,9 @@ class Trainer:
                 metrics["tokens_per_s"] = metrics["num_tokens"] / max(now - tick, 1e-9)
             tick = now
             if self.device.type == "cuda":
-                metrics["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                # the step's peak: a trainer that resets the counter per phase reports each as mem/<phase>_gb
+                metrics["peak_mem_gb"] = max([torch.cuda.max_memory_allocated(self.device) / 2**30]
+                                             + [v for k, v in metrics.items() if k.startswith("mem/")])
             last = metrics
             if self.step % config.log_every == 0 or self.step == self.total_steps:
                 self.metrics.log({"step": self.step, **metrics})
