@@ -4,20 +4,25 @@
 # imports with them. Logs and result tables go to $OUT, which the device tool brings back; copy
 # the tables into benchmarks/results/ and commit them.
 #
-#   bash benchmarks/gpu_session.sh test        # build, then the whole test suite on the GPU
+#   bash benchmarks/gpu_session.sh build       # only the build (a call of its own on a fresh machine)
+#   bash benchmarks/gpu_session.sh test-gpu    # the GPU-only tests, verbose (every result line survives a kill)
+#   bash benchmarks/gpu_session.sh test-rest   # the other tests (the compile-only sm_90 test left out)
 #   bash benchmarks/gpu_session.sh bench-ops   # bench_moe, bench_mla, bench_logprobs
 #   bash benchmarks/gpu_session.sh bench-train # bench_train, bench_grpo
-#   bash benchmarks/gpu_session.sh all         # the three in one go (a longer call)
+#   bash benchmarks/gpu_session.sh all         # all of it in one go (a longer call)
 #
 # The device machine gets the working tree without .git: name the commit for the tables' headers,
-#   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test
+#   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test-gpu
 #
 # Every step runs under its own time limit (seconds, the STEP_LIMIT_* variables below), so one
-# that runs long leaves the others their time and its log still comes back.
+# that runs long leaves the others their time and its log still comes back. Output is unbuffered
+# (a killed step keeps what it printed), and Triton caches autotuning results on disk, so a later
+# step or benchmark process on the same machine does not tune the same kernel again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_align_gpu}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 
 gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 case "$gpu_name" in
@@ -52,10 +57,20 @@ build() {
     || { echo "the build failed: see $OUT/build.log"; exit 1; }
 }
 
-test_suite() {
+# The GPU-only tests: test_cuda_*, test_bf16_on_gpu, the 65536-token addressing test and the
+# trainer_gpu smoke tests.
+GPU_TESTS='cuda or gpu or 65536'
+
+test_gpu() {
+  TAIL_LINES=60 step pytest_gpu "${STEP_LIMIT_TEST_GPU:-420}" \
+    python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=10 -k "$GPU_TESTS" tests
+}
+
+test_rest() {
   # Not -x: a GPU session is rare, so every failure is worth seeing at once.
-  TAIL_LINES=60 step pytest "${STEP_LIMIT_TEST:-420}" \
-    python3 -m pytest -q -p no:cacheprovider -rfE --durations=15 tests
+  TAIL_LINES=60 step pytest_rest "${STEP_LIMIT_TEST_REST:-480}" \
+    python3 -m pytest -q -p no:cacheprovider -rfE --tb=short --durations=10 -k "not ($GPU_TESTS)" \
+    --deselect tests/test_triton_sm90.py::test_triton_kernels_compile_for_sm90 tests
 }
 
 bench() {  # bench NAME LIMIT EXTRA_ARGS...: benchmarks/bench_NAME.py on the GPU, its table in $OUT
@@ -79,10 +94,12 @@ bench_train() {
 echo "GPU: $gpu_name; commit ${MOE_ALIGN_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}; results in $OUT"
 build
 case "${1:-all}" in
-  test) test_suite ;;
+  build) ;;
+  test-gpu) test_gpu ;;
+  test-rest) test_rest ;;
   bench-ops) bench_ops ;;
   bench-train) bench_train ;;
-  all) test_suite; bench_ops; bench_train ;;
-  *) echo "usage: $0 test|bench-ops|bench-train|all"; exit 2 ;;
+  all) test_gpu; test_rest; bench_ops; bench_train ;;
+  *) echo "usage: $0 build|test-gpu|test-rest|bench-ops|bench-train|all"; exit 2 ;;
 esac
 ls -l "$OUT"
