@@ -302,6 +302,19 @@ def test_bf16_decode_equals_full_forward():
     torch.testing.assert_close(decoded, full, **TOL[torch.bfloat16])
 
 
+def test_autocast_decode_of_fp32_weights_in_a_bf16_cache_equals_the_full_forward():
+    """A bf16 rollout of an fp32 model (a GPU trainer's autocast): decode steps under autocast,
+    through a bf16 cache, agree with the full forward under autocast to bf16 tolerance."""
+    module = make_module("v3_yarn", seed=9)
+    hidden = torch.randn(2, 12, HIDDEN)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = module(hidden)
+        cache = MLACache.for_config(module.config, num_layers=1, num_blocks=4, block_size=8, dtype=torch.bfloat16)
+        decoded = decode_in_steps(module, cache, [cache.add_sequence(), cache.add_sequence()], hidden, [5, 1, 2, 4])
+    assert decoded.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(decoded, full, **TOL[torch.bfloat16])
+
+
 def test_config_from_older_transformers_fields():
     old = types.SimpleNamespace(
         hidden_size=HIDDEN, num_attention_heads=HEADS, kv_lora_rank=D_LAT, q_lora_rank=None,

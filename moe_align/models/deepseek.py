@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moe_align.modules._autocast import autocast_off, cast_for_custom_op
+from moe_align.modules._autocast import autocast_dtype, autocast_off, cast_for_custom_op
 from moe_align.modules.mla import MLACache, MLAConfig, MLAttention, RMSNorm
 from moe_align.modules.moe import DeepseekMoE, MoEConfig, SwiGLUMLP
 from moe_align.ops.logprobs import linear_logprobs
@@ -391,8 +391,10 @@ class DeepseekForCausalLM(nn.Module):
                   for group in self._prefill_groups([lengths[i] for i in distinct], pad=shared)]
         width = {i: lengths[group[-1]] for group in groups for i in group}  # the prefill step's length
         num_blocks = sum(-(-max(n + max_new_tokens, width.get(i, n)) // block_size) for i, n in enumerate(lengths))
+        # under autocast (a bf16 rollout of fp32 weights) the cache holds autocast's dtype
+        cache_dtype = autocast_dtype(weight.device) or weight.dtype
         cache = MLACache.for_config(self.config, len(self.model.layers), max(num_blocks, 1),
-                                    block_size=block_size, dtype=weight.dtype, device=weight.device)
+                                    block_size=block_size, dtype=cache_dtype, device=weight.device)
         seq_ids = {i: cache.add_sequence() for i in distinct}
         last = torch.empty(len(prompts), self.config.hidden_size, dtype=weight.dtype, device=weight.device)
         for indices in groups:

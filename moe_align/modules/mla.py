@@ -529,14 +529,19 @@ class MLAttention(nn.Module):
         x = hidden_states.reshape(batch * s_q, -1)
         q_nope, q_rope, latent, k_rope = self._project(x, step.positions.reshape(-1))
         kv_cache = cache.layer(self.layer_idx)
-        mla_cache_append(kv_cache, latent, k_rope, step.slot_mapping, validate=False)
         w_uk, w_uv_t = self.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, D_lat]
         heads = self.num_heads
-        out_latent, _ = mla_decode(
-            q_latent.reshape(batch, s_q, heads, self.kv_lora_rank), q_rope.reshape(batch, s_q, heads, -1),
-            kv_cache, step.block_table, step.cache_seqlens, self.softmax_scale, step.plan, validate=False,
-        )
+        # The custom ops take the cache's dtype (under autocast the projections come out in its
+        # dtype, the roped parts in fp32) and run with autocast off.
+        dtype = kv_cache.dtype
+        with autocast_off(x.device):
+            mla_cache_append(kv_cache, latent.to(dtype), k_rope.to(dtype), step.slot_mapping, validate=False)
+            out_latent, _ = mla_decode(
+                q_latent.reshape(batch, s_q, heads, self.kv_lora_rank).to(dtype),
+                q_rope.reshape(batch, s_q, heads, -1).to(dtype),
+                kv_cache, step.block_table, step.cache_seqlens, self.softmax_scale, step.plan, validate=False,
+            )
         out = torch.bmm(out_latent.reshape(batch * s_q, heads, -1).transpose(0, 1), w_uv_t)  # [H, N, D_v]
         out = out.transpose(0, 1).reshape(batch, s_q, heads * self.v_head_dim)
         return self.o_proj(out)

@@ -425,10 +425,11 @@ class GRPOTrainer(Trainer):
         # A fresh stream per (seed, rank, step): resuming at any step samples what the
         # uninterrupted run sampled.
         self.sampling_generator.manual_seed(sampling_seed(config.seed, self.dist.rank, self.step))
-        rollouts = self.engine.generate([p.prompt_ids for p in prompts], n=config.group_size,
-                                        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                        top_p=config.top_p, stop_token_ids=[self.tokenizer.eos_id],
-                                        stop_strings=config.stop_strings, generator=self.sampling_generator)
+        with self.autocast():  # bf16 sampling on a GPU (a bf16 latent cache), as the update computes
+            rollouts = self.engine.generate([p.prompt_ids for p in prompts], n=config.group_size,
+                                            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                            top_p=config.top_p, stop_token_ids=[self.tokenizer.eos_id],
+                                            stop_strings=config.stop_strings, generator=self.sampling_generator)
         if len(rollouts) != len(prompts) * config.group_size:
             raise RuntimeError(f"the rollout engine returned {len(rollouts)} rollouts for {len(prompts)} prompts "
                                f"x group_size {config.group_size}")
@@ -728,9 +729,11 @@ class GRPOTrainer(Trainer):
             return {}
         stage = self.stage_index(self.step)
         mine = items[self.dist.rank::self.dist.world_size]
-        rollouts = self.engine.generate([p.prompt_ids for p in mine], n=1, max_new_tokens=self.config.max_new_tokens,
-                                        temperature=0.0, top_p=1.0, stop_token_ids=[self.tokenizer.eos_id],
-                                        stop_strings=self.config.stop_strings, generator=None)
+        with self.autocast():
+            rollouts = self.engine.generate([p.prompt_ids for p in mine], n=1,
+                                            max_new_tokens=self.config.max_new_tokens, temperature=0.0, top_p=1.0,
+                                            stop_token_ids=[self.tokenizer.eos_id],
+                                            stop_strings=self.config.stop_strings, generator=None)
         records = [p.record for p in mine]
         scores = self.reward_mixes[stage]([r["prompt"] for r in records], [r.text for r in rollouts],
                                           **reward_columns(records, 1)) if mine else None
