@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh test-rest   # the other tests (the compile-only sm_90 test left out)
 #   bash benchmarks/gpu_session.sh bench-ops   # bench_moe, bench_mla, bench_logprobs
 #   bash benchmarks/gpu_session.sh bench-train # bench_train, bench_grpo
+#   bash benchmarks/gpu_session.sh bench moe   # named benchmarks only (moe mla logprobs train grpo)
 #   bash benchmarks/gpu_session.sh all         # all of it in one go (a longer call)
 #
 # The device machine gets the working tree without .git: name the commit for the tables' headers,
@@ -99,7 +100,13 @@ case "${1:-all}" in
   test-rest) test_rest ;;
   bench-ops) bench_ops ;;
   bench-train) bench_train ;;
+  bench)
+    shift
+    for name in "$@"; do
+      limit_var="STEP_LIMIT_$(echo "$name" | tr 'a-z' 'A-Z')"
+      bench "$name" "${!limit_var:-280}"
+    done ;;
   all) test_gpu; test_rest; bench_ops; bench_train ;;
-  *) echo "usage: $0 build|test-gpu|test-rest|bench-ops|bench-train|all"; exit 2 ;;
+  *) echo "usage: $0 build|test-gpu|test-rest|bench-ops|bench-train|bench NAME...|all"; exit 2 ;;
 esac
 ls -l "$OUT"
