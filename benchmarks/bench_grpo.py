@@ -536,8 +536,11 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     interleaved_shapes = []
     trl_info: set[str] = set()
+    deadline = common.Deadline(args.time_limit)
     with tqdm(total=len(shapes) * len(providers), desc="bench_grpo", unit="run", file=sys.stderr) as progress:
         for shape in shapes:
+            if deadline.skip():
+                continue
             fields = shape_fields(shape, device.type, args.v2_lite_layers)
             w = workload(shape)
             # per provider: the policy with gradients and AdamW moments (+ the reference's weights)
@@ -575,6 +578,7 @@ def main(argv=None) -> int:
                   "CPU resident memory, with every allocation >= 64 KiB served by mmap during that step "
                   "(VmHWM reset via /proc/self/clear_refs after malloc_trim)")
     notes = [f"{s}: {describe(shape_fields(s, device.type, args.v2_lite_layers))}" for s in shapes]
+    notes += deadline.notes()
     notes += [
         "one GRPO iteration: P prompts x G sampled outputs (temperature 1, top-p 1) of up to 'new tok' / (P x G) "
         "tokens, rewards exact_answer + 0.2 format, advantages (eq. 34), old log-probs (+ entropy) and, with "

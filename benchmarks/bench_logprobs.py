@@ -327,8 +327,11 @@ def main(argv=None) -> int:
     meta = common.run_metadata(device)
     shapes = [(n, h, v) for n in tokens for h in hiddens for v in vocabs]
     rows: list[dict] = []
+    deadline = common.Deadline(args.time_limit)
     with tqdm(shapes, desc="bench_logprobs", unit="shape", file=sys.stderr) as progress:
         for n, h, v in progress:
+            if deadline.skip():
+                continue
             progress.set_postfix_str(f"N={n} H={h} V={v}")
             case = Case(n, h, v, dtype, device, args.quick, args.ignored)
             rows.extend(case.run(args.providers))
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     add_ratios(rows)
-    notes = [
+    notes = deadline.notes() + [
         f"{100 * args.ignored:.0f}% of the tokens ignored (ignore_index; masked in the naive path)",
         f"{dtype_name}; the GRPO providers see B = N / {SEQ_LEN} sequences of the same tokens, beta = 0, "
         "token-mean aggregation; the log-prob providers backpropagate logp.sum()",

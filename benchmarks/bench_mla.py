@@ -440,11 +440,14 @@ def main(argv=None) -> int:
         bench.copy_gbs = copy_bandwidth_gbs(device, args.quick)
         bench.mm_tflops = common.matmul_tflops(device, torch.bfloat16)
     rows: list[dict] = []
+    deadline = common.Deadline(args.time_limit)
     for name, run in cases(bench, args, device):
+        if deadline.skip():
+            continue
         print(f"  {name}", file=sys.stderr)
         rows.extend(run())
     add_ratios(rows)
-    notes = []
+    notes = deadline.notes()
     if device.type == "cuda":
         notes += [f"device-to-device copy bandwidth measured in this run: {bench.copy_gbs:.0f} GB/s (read + write); "
                   f"bf16 matmul: {bench.mm_tflops:.0f} TFLOP/s",

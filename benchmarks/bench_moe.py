@@ -439,15 +439,18 @@ def main(argv=None) -> int:
     bench = Bench(args, device, dtype)
     cases = [c for c in bench.cases(shapes, tokens) if c.section in args.sections]
     rows: list[dict] = []
+    deadline = common.Deadline(args.time_limit)
     with tqdm(cases, desc="bench_moe", unit="case", file=sys.stderr) as progress:
         for case in progress:
+            if deadline.skip():
+                continue
             progress.set_postfix_str(f"{case.section} {case.shape} T={case.tokens}")
             rows.extend(case.run())
     bench._moe = None
     ceiling = common.matmul_tflops(device, dtype)
     add_ratios(rows, device)
 
-    notes = [f"{name}: {SHAPES[name].describe()}" for name in shapes]
+    notes = [f"{name}: {SHAPES[name].describe()}" for name in shapes] + deadline.notes()
     notes += [
         f"dense {dtype_name} matmul ceiling measured in this run: {ceiling:.3g} TFLOP/s",
         "ms: median time; TFLOP/s from counted FLOPs (router + 3 GEMMs per routed and shared expert; "

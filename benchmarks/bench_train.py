@@ -500,8 +500,11 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     notes_impl: dict[str, str] = {}
     interleaved_shapes = []
+    deadline = common.Deadline(args.time_limit)
     with tqdm(total=len(shapes) * len(args.providers), desc="bench_train", unit="run", file=sys.stderr) as progress:
         for shape in shapes:
+            if deadline.skip():
+                continue
             fields = shape_fields(shape, device.type, args.v2_lite_layers)
             n = args.tokens or tokens.get(shape, 2048)
             lengths = [max_len] * max(n // max_len, 1) if args.equal_lengths else sequence_lengths(n, max_len)
@@ -549,6 +552,7 @@ def main(argv=None) -> int:
                       "VmHWM reset via /proc/self/clear_refs after malloc_trim")
 
     notes = [f"{s}: {describe(shape_fields(s, device.type, args.v2_lite_layers))}" for s in shapes]
+    notes += deadline.notes()
     notes += [
         f"one step = zero_grad, forward, loss, backward, AdamW step (lr 1e-5, fused=True); "
         f"{'bf16 autocast, fp32 weights' if bf16 else 'fp32'}; {warmup} warm-up step(s) and one memory step, "

@@ -319,9 +319,31 @@ def report(title: str, meta: dict[str, str], notes: Sequence[str], rows: Sequenc
 
 
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
-    """``--markdown`` and ``--csv``: where :func:`report` writes the table."""
+    """``--markdown`` and ``--csv``: where :func:`report` writes the table; ``--time-limit``."""
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     p.add_argument("--csv", metavar="PATH", help="write the rows as CSV")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                   help="start no new case after this many seconds, and report what ran (0: no limit)")
+
+
+class Deadline:
+    """``--time-limit``: once it has passed, the remaining cases are skipped and counted, so the
+    table of those that ran is still printed and written (a run killed from outside writes none)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds if seconds > 0 else None
+        self.skipped = 0
+
+    def skip(self) -> bool:
+        """Whether to skip the next case (counting it)."""
+        if self.end is not None and time.monotonic() > self.end:
+            self.skipped += 1
+            return True
+        return False
+
+    def notes(self) -> list[str]:
+        return [f"--time-limit {self.seconds:g} s passed: {self.skipped} case(s) not run"] if self.skipped else []
 
 
 def add_step_arguments(p: argparse.ArgumentParser, budget: float) -> None:
