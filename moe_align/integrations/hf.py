@@ -63,11 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_align.modules._autocast import autocast_off, cast_for_custom_op
+from moe_align.modules._autocast import autocast_linear_logprobs
 from moe_align.modules.mla import MLAttention
 from moe_align.modules.moe import DeepseekMoE
-from moe_align.ops.logprobs import linear_logprobs
-from moe_align.ops.mla import mla_varlen_attention
 
 __all__ = ["HFMLAttention", "causal_lm_loss", "patch_model"]
 
@@ -377,16 +375,7 @@ class HFMLAttention(MLAttention):
             self._write_cache(cache, latent, k_rope, batch, seq_len)
             if rows is not None:
                 q_nope, q_rope, latent, k_rope = q_nope[rows], q_rope[rows], latent[rows], k_rope[rows]
-        tokens = latent.shape[0]
-        kv = self.kv_b_proj(latent).view(tokens, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        # as MLAttention does: the custom op gets one dtype (autocast's) and runs with autocast off
-        q_nope, q_rope, k_nope, k_rope, v = cast_for_custom_op(x.device, q_nope, q_rope, k_nope,
-                                                               k_rope.unsqueeze(1), v)
-        with autocast_off(x.device):
-            out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, plan.cu_seqlens, plan.max_seqlen,
-                                          self.softmax_scale)
-        out = self.o_proj(out.reshape(tokens, self.num_heads * self.v_head_dim))
+        out = self.o_proj(self._attend(q_nope, q_rope, latent, k_rope, plan.cu_seqlens, plan.max_seqlen))
         if rows is not None:
             out = out.new_zeros(batch * seq_len, hidden).index_copy(0, rows, out)
         return out.view(batch, seq_len, hidden), None
@@ -433,9 +422,7 @@ def causal_lm_loss(
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden_states.device)
     # under autocast the head runs in its dtype, as transformers' lm_head Linear would
-    hidden_states, lm_head_weight = cast_for_custom_op(hidden_states.device, hidden_states, lm_head_weight)
-    with autocast_off(hidden_states.device):
-        logp = linear_logprobs(hidden_states, lm_head_weight, targets, ignore_index=ignore_index)
+    logp = autocast_linear_logprobs(hidden_states, lm_head_weight, targets, ignore_index=ignore_index)
     total = -logp.sum()
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()

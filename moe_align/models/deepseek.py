@@ -13,10 +13,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moe_align.modules._autocast import autocast_dtype, autocast_off, cast_for_custom_op
+from moe_align.modules._autocast import autocast_dtype, autocast_linear_logprobs
 from moe_align.modules.mla import MLACache, MLAConfig, MLAttention, RMSNorm
 from moe_align.modules.moe import DeepseekMoE, MoEConfig, SwiGLUMLP
-from moe_align.ops.logprobs import linear_logprobs
 
 IGNORE_INDEX = -100
 
@@ -268,9 +267,8 @@ class DeepseekForCausalLM(nn.Module):
             if int(bad.min()) < 0 or int(bad.max()) >= self.config.vocab_size:
                 raise ValueError(f"labels has ids outside [0, vocab_size={self.config.vocab_size}) "
                                  f"other than ignore_index={ignore_index}")
-        hidden, weight = cast_for_custom_op(hidden.device, hidden, self.lm_head.weight)
-        with autocast_off(hidden.device):
-            logp = linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index)
+        logp = autocast_linear_logprobs(hidden, self.lm_head.weight, targets, temperature=temperature,
+                                        ignore_index=ignore_index)
         return logp, targets
 
     def loss(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

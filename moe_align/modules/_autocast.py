@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_align.ops.logprobs import linear_logprobs
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype in force for ``device``'s type, or None outside autocast."""
@@ -28,3 +30,11 @@ def cast_for_custom_op(device: torch.device, *tensors: torch.Tensor) -> tuple[to
 def autocast_off(device: torch.device) -> torch.autocast:
     """Context that turns autocast off for ``device`` around a custom op call."""
     return torch.autocast(device.type, enabled=False)
+
+
+def autocast_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, **kwargs):
+    """:func:`~moe_align.ops.logprobs.linear_logprobs` (``kwargs`` passed on) with ``hidden`` and
+    ``weight`` in the autocast dtype when autocast is on, as autocast would run an LM-head linear."""
+    hidden, weight = cast_for_custom_op(hidden.device, hidden, weight)
+    with autocast_off(hidden.device):
+        return linear_logprobs(hidden, weight, targets, **kwargs)

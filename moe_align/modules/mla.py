@@ -507,15 +507,23 @@ class MLAttention(nn.Module):
             else:
                 positions = position_ids.reshape(-1)
         x = hidden_states.reshape(-1, hidden)
-        q_nope, q_rope, latent, k_rope = self._project(x, positions)
-        kv = self.kv_b_proj(latent).view(x.shape[0], self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        out = self._attend(*self._project(x, positions), cu_seqlens, max_seqlen)
+        return self.o_proj(out).view(hidden_states.shape)
+
+    def _attend(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Packed causal attention from the projections (:meth:`_project`): keys and values from
+        the latent through kv_b_proj, the shared rope key; ``[T, heads * v_head_dim]`` before o_proj."""
+        tokens = latent.shape[0]
+        kv = self.kv_b_proj(latent).view(tokens, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        q_nope, q_rope, k_nope, k_rope, v = cast_for_custom_op(x.device, q_nope, q_rope, k_nope, k_rope.unsqueeze(1), v)
-        with autocast_off(x.device):
+        # the custom op gets one dtype (autocast's, when on) and runs with autocast off
+        q_nope, q_rope, k_nope, k_rope, v = cast_for_custom_op(latent.device, q_nope, q_rope, k_nope,
+                                                               k_rope.unsqueeze(1), v)
+        with autocast_off(latent.device):
             out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens, max_seqlen,
                                           self.softmax_scale)
-        out = self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_head_dim))
-        return out.view(hidden_states.shape)
+        return out.reshape(tokens, self.num_heads * self.v_head_dim)
 
     def _decode(self, hidden_states: torch.Tensor, cache: MLACache) -> torch.Tensor:
         step = cache.step
