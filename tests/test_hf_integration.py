@@ -12,9 +12,9 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")  # a test dependency: present in CI, so this runs
 
-from moe_align.modules import _autocast as autocast_module  # noqa: E402
 from moe_align.modules import mla as mla_module  # noqa: E402
 from moe_align.integrations import HFMLAttention, patch_model  # noqa: E402
+from moe_align.integrations import hf as hf_module  # noqa: E402
 from moe_align.modules import DeepseekMoE  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -86,8 +86,8 @@ def assert_grads_close(patched, reference):
 def count_calls(monkeypatch):
     """Count the calls the integration makes to our ops: ``count_calls()["mla_varlen_attention"]``."""
     counts = {"mla_varlen_attention": 0, "linear_logprobs": 0}
-    # where the integration's calls look the ops up: MLAttention's attention, the autocast-aware head
-    for module, name in ((mla_module, "mla_varlen_attention"), (autocast_module, "linear_logprobs")):
+    # where the integration's calls look the ops up: MLAttention's attention, the loss's LM head
+    for module, name in ((mla_module, "mla_varlen_attention"), (hf_module, "linear_logprobs")):
         op = getattr(module, name)
 
         def counting(*args, _op=op, _name=name, **kwargs):

@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_align.modules._autocast import autocast_linear_logprobs
 from moe_align.modules.mla import MLAttention
 from moe_align.modules.moe import DeepseekMoE
+from moe_align.ops.logprobs import linear_logprobs
 
 __all__ = ["HFMLAttention", "causal_lm_loss", "patch_model"]
 
@@ -422,7 +422,7 @@ def causal_lm_loss(
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden_states.device)
     # under autocast the head runs in its dtype, as transformers' lm_head Linear would
-    logp = autocast_linear_logprobs(hidden_states, lm_head_weight, targets, ignore_index=ignore_index)
+    logp = linear_logprobs(hidden_states, lm_head_weight, targets, ignore_index=ignore_index)
     total = -logp.sum()
     if num_items_in_batch is None:
         return total / (targets != ignore_index).sum()

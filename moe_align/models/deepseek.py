@@ -13,9 +13,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from moe_align.modules._autocast import autocast_dtype, autocast_linear_logprobs
 from moe_align.modules.mla import MLACache, MLAConfig, MLAttention, RMSNorm
 from moe_align.modules.moe import DeepseekMoE, MoEConfig, SwiGLUMLP
+from moe_align.ops._autocast import autocast_dtype
+from moe_align.ops.logprobs import linear_logprobs
 
 IGNORE_INDEX = -100
 
@@ -267,8 +268,8 @@ class DeepseekForCausalLM(nn.Module):
             if int(bad.min()) < 0 or int(bad.max()) >= self.config.vocab_size:
                 raise ValueError(f"labels has ids outside [0, vocab_size={self.config.vocab_size}) "
                                  f"other than ignore_index={ignore_index}")
-        logp = autocast_linear_logprobs(hidden, self.lm_head.weight, targets, temperature=temperature,
-                                        ignore_index=ignore_index)
+        logp = linear_logprobs(hidden, self.lm_head.weight, targets, temperature=temperature,
+                               ignore_index=ignore_index)
         return logp, targets
 
     def loss(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from moe_align.modules._autocast import autocast_off, cast_for_custom_op
 from moe_align.ops.mla import (
     MLADecodePlan,
     mla_cache_append,
@@ -517,12 +516,8 @@ class MLAttention(nn.Module):
         tokens = latent.shape[0]
         kv = self.kv_b_proj(latent).view(tokens, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        # the custom op gets one dtype (autocast's, when on) and runs with autocast off
-        q_nope, q_rope, k_nope, k_rope, v = cast_for_custom_op(latent.device, q_nope, q_rope, k_nope,
-                                                               k_rope.unsqueeze(1), v)
-        with autocast_off(latent.device):
-            out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens, max_seqlen,
-                                          self.softmax_scale)
+        out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope.unsqueeze(1), v, cu_seqlens, max_seqlen,
+                                      self.softmax_scale)
         return out.reshape(tokens, self.num_heads * self.v_head_dim)
 
     def _decode(self, hidden_states: torch.Tensor, cache: MLACache) -> torch.Tensor:
@@ -540,16 +535,14 @@ class MLAttention(nn.Module):
         w_uk, w_uv_t = self.absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [N, H, D_lat]
         heads = self.num_heads
-        # The custom ops take the cache's dtype (under autocast the projections come out in its
-        # dtype, the roped parts in fp32) and run with autocast off.
+        # the cache's dtype decides the precision of the decode (a bf16 cache of fp32 weights)
         dtype = kv_cache.dtype
-        with autocast_off(x.device):
-            mla_cache_append(kv_cache, latent.to(dtype), k_rope.to(dtype), step.slot_mapping, validate=False)
-            out_latent, _ = mla_decode(
-                q_latent.reshape(batch, s_q, heads, self.kv_lora_rank).to(dtype),
-                q_rope.reshape(batch, s_q, heads, -1).to(dtype),
-                kv_cache, step.block_table, step.cache_seqlens, self.softmax_scale, step.plan, validate=False,
-            )
+        mla_cache_append(kv_cache, latent.to(dtype), k_rope.to(dtype), step.slot_mapping, validate=False)
+        out_latent, _ = mla_decode(
+            q_latent.reshape(batch, s_q, heads, self.kv_lora_rank).to(dtype),
+            q_rope.reshape(batch, s_q, heads, -1).to(dtype),
+            kv_cache, step.block_table, step.cache_seqlens, self.softmax_scale, step.plan, validate=False,
+        )
         out = torch.bmm(out_latent.reshape(batch * s_q, heads, -1).transpose(0, 1), w_uv_t)  # [H, N, D_v]
         out = out.transpose(0, 1).reshape(batch, s_q, heads * self.v_head_dim)
         return self.o_proj(out)

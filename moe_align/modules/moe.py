@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_align.modules._autocast import autocast_dtype, autocast_off, cast_for_custom_op
+from moe_align.ops._autocast import autocast_dtype
 from moe_align.ops.fused_moe import fused_experts
 from moe_align.ops.gate import grouped_topk
 from moe_align.ops.load_balance import update_correction_bias_
@@ -347,11 +347,7 @@ class RoutedExperts(nn.Module):
         """``hidden_states [T, H]``, ``topk_ids`` int ``[T, K]``, ``topk_weights`` fp32 ``[T, K]`` ->
         ``[T, H]``: ``out[t] = sum_k w[t,k] * down[e] @ (silu(g) * u)``, ``[g; u] = gate_up[e] @ x_t``,
         ``e = topk_ids[t, k]``. Arguments in the order of transformers' experts modules."""
-        device = hidden_states.device
-        hidden_states, gate_up_proj, down_proj = cast_for_custom_op(device, hidden_states, self.gate_up_proj,
-                                                                    self.down_proj)
-        with autocast_off(device):
-            return fused_experts(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+        return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"

@@ -56,7 +56,7 @@ def plain_eager_cpu(*tensors: torch.Tensor | None) -> bool:
     """Whether an op's PyTorch path may be called directly rather than through its
     ``torch.ops.moe_align`` op: plain CPU tensors in eager mode, with nothing that needs the op
     itself (torch.compile or jit tracing, tensor subclasses, functorch transforms, dispatch or
-    function modes, autograd recording, the profiler). The op runs the same function after
+    function modes, autograd recording, the profiler, autocast: the op runs with it off). The op runs the same function after
     torch.library's Python dispatch, 50-80 us a call: most of a small model's decode step on a
     CPU. ``None`` entries (optional arguments) are skipped."""
     tensors = tuple(t for t in tensors if t is not None)
@@ -64,7 +64,7 @@ def plain_eager_cpu(*tensors: torch.Tensor | None) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._autograd._profiler_enabled():
+    if torch._C._autograd._profiler_enabled() or torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         return False

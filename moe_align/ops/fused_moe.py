@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_align.ops._autocast import autocast_inputs, run_without_autocast
 from moe_align.ops._backend import backend_for, plain_eager_cpu, triton_available
 from moe_align.ops._memory import new_empty_huge_pages
 from moe_align.ops._native import has_cuda_kernels, load_native
@@ -306,6 +307,7 @@ def _backward(ctx, grad_out, _grad_gu):
 
 
 _fused_experts.register_autograd(_backward, setup_context=_setup_context)
+run_without_autocast(_fused_experts, _fused_experts_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +391,9 @@ def fused_experts(
         down_proj: ``[E, H, I]``, the dtype of ``hidden_states``.
         topk_weights: ``[T, K]`` any float dtype (used in float32).
         topk_ids: ``[T, K]`` int32 or int64, expert ids in ``[0, E)``; ``K >= 1``.
-        All on one device, any strides; nothing is modified.
+        All on one device, any strides; nothing is modified. Under ``torch.autocast``,
+        ``hidden_states``, ``gate_up_proj`` and ``down_proj`` are cast to the autocast dtype (as
+        for a linear).
 
     Returns:
         ``[T, H]`` in the dtype of ``hidden_states``; float32 accumulation. Differentiable with
@@ -404,6 +408,7 @@ def fused_experts(
     plain CPU tensors in eager mode without autograd the PyTorch path is called without the
     dispatch of ``torch.ops.moe_align.fused_experts`` (same result).
     """
+    hidden_states, gate_up_proj, down_proj = autocast_inputs(hidden_states, gate_up_proj, down_proj)
     _check(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
     save_gate_up = torch.is_grad_enabled() and any(
         t.requires_grad for t in (hidden_states, gate_up_proj, down_proj, topk_weights)

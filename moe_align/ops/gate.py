@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_align.ops._autocast import run_without_autocast
 from moe_align.ops._backend import backend_for, plain_eager_cpu
 from moe_align.ops._native import has_cuda_kernels
 
@@ -117,6 +118,7 @@ def _backward(ctx, grad_weights, grad_ids):
 
 
 _grouped_topk.register_autograd(_backward, setup_context=_setup_context)
+run_without_autocast(_grouped_topk)
 
 
 def grouped_topk(

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from moe_align.ops._autocast import run_without_autocast
 from moe_align.ops._backend import backend_for
 from moe_align.ops._native import has_cuda_kernels, load_native
 from moe_align.ops.logprobs import linear_logprobs
@@ -202,6 +203,7 @@ def _stats_backward(ctx, grad_stats):
 
 
 _grpo_sequence_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+run_without_autocast(_grpo_sequence_stats, _grpo_sequence_stats_backward)
 
 
 # ---- argument checks ----------------------------------------------------------------------------

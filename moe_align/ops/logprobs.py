@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from moe_align.ops._autocast import autocast_inputs, run_without_autocast
 from moe_align.ops._backend import backend_for, triton_available
 from moe_align.ops._memory import new_empty_huge_pages
 
@@ -259,6 +260,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_lse):
 
 
 _linear_logprobs.register_autograd(_backward, setup_context=_setup_context)
+run_without_autocast(_linear_logprobs, _linear_logprobs_backward)
 
 
 def linear_logprobs(
@@ -290,7 +292,8 @@ def linear_logprobs(
         ignore_index: target value of tokens to skip.
         return_entropy: also return the entropy of each token's distribution.
         fp32_head: compute the head in float32 even for bf16/fp16 inputs (the logits are always
-            accumulated and reduced in float32).
+            accumulated and reduced in float32). Under autocast, ``hidden`` and ``weight`` are
+            then cast to float32 rather than to the autocast dtype.
         chunk_size: tokens per chunk of the PyTorch path (default 512); the backward of both
             paths keeps its one vocabulary-wide buffer within ``chunk_size x V`` elements.
 
@@ -304,9 +307,13 @@ def linear_logprobs(
     Triton kernel reduces each token over fixed vocabulary splits and tiles, the PyTorch path over
     the whole vocabulary row.
 
+    Under ``torch.autocast``, ``hidden`` and ``weight`` are cast to the autocast dtype, as for an
+    LM-head linear (so an fp32 ``lm_head.weight`` may be passed with bf16 hidden states).
+
     Backends: the Triton kernels on CUDA tensors (and on CPU tensors under ``TRITON_INTERPRET=1``
     with ``MOE_ALIGN_BACKEND=triton``), the chunked PyTorch path (float32) on the CPU.
     """
+    hidden, weight = autocast_inputs(hidden, weight, dtype=torch.float32 if fp32_head else None)
     if not isinstance(hidden, torch.Tensor) or hidden.dtype not in FLOAT_DTYPES:
         raise TypeError(f"hidden must be an fp32, bf16 or fp16 tensor, got {getattr(hidden, 'dtype', type(hidden))}")
     if hidden.dim() < 1 or hidden.shape[-1] == 0:

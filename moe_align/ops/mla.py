@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from moe_align.ops._autocast import autocast_inputs, run_without_autocast
 from moe_align.ops._backend import backend_for, plain_eager_cpu, triton_available
 from moe_align.ops._native import has_cuda_kernels
 
@@ -278,6 +279,7 @@ def _varlen_backward(ctx, grad_out, grad_lse):
 
 
 _mla_varlen_attention.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+run_without_autocast(_mla_varlen_attention, _mla_varlen_attention_backward)
 
 
 def mla_varlen_attention(
@@ -307,8 +309,9 @@ def mla_varlen_attention(
     Args:
         q_nope: ``[T, H, D_nope]``; q_rope: ``[T, H, D_rope]``.
         k_nope: ``[T, H, D_nope]``; k_rope: ``[T, 1, D_rope]``; v: ``[T, H, D_v]``.
-            All five fp32, fp16 or bf16 (one dtype), on one device, any strides; every head
-            dimension a positive multiple of 16 (DeepSeek-V3: 128, 64, 128).
+            All five fp32, fp16 or bf16 (one dtype; under ``torch.autocast`` they are cast to
+            the autocast dtype), on one device, any strides; every head dimension a positive
+            multiple of 16 (DeepSeek-V3: 128, 64, 128).
         cu_seqlens: int32 ``[B + 1]``, ``0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T``
             (empty sequences are allowed).
         max_seqlen: an int at least the longest sequence (sizes the kernel grid).
@@ -323,6 +326,7 @@ def mla_varlen_attention(
     Backends: Triton (flash-attention style, no ``T x T`` buffer, backward recomputes) on CUDA;
     the PyTorch path (float32, chunked over queries) on the CPU; ``MOE_ALIGN_BACKEND`` forces one.
     """
+    q_nope, q_rope, k_nope, k_rope, v = autocast_inputs(q_nope, q_rope, k_nope, k_rope, v)
     _check_float("q_nope", q_nope, 3)
     _check_float("q_rope", q_rope, 3)
     _check_float("k_nope", k_nope, 3)
@@ -561,6 +565,9 @@ def _(q_latent, q_rope, kv_cache, block_table, cache_seqlens, work, split_offset
     return out, q_latent.new_empty(q_latent.shape[:-1], dtype=torch.float32)
 
 
+run_without_autocast(_mla_decode)
+
+
 def _check_cache(kv_cache, d_lat: int, d_rope: int) -> None:
     _check_float("kv_cache", kv_cache, 3)
     if kv_cache.shape[-1] != d_lat + d_rope:
@@ -602,7 +609,7 @@ def mla_decode(
 
     Args:
         q_latent: ``[B, s_q, H, D_lat]``; q_rope: ``[B, s_q, H, D_rope]``; fp32, fp16 or bf16,
-            the dtype of ``kv_cache``; any strides.
+            the dtype of ``kv_cache`` (under ``torch.autocast`` they are cast to it); any strides.
         kv_cache: ``[num_blocks, block_size, D_lat + D_rope]``, unit last stride (any block size).
         block_table: int32 ``[B, max_blocks]``, entries in ``[0, num_blocks)`` where used.
         cache_seqlens: int32 ``[B]``, ``0 <= L_b <= max_blocks * block_size``.
@@ -623,6 +630,7 @@ def mla_decode(
     ``torch.ops.moe_align.mla_decode`` (same result); compile, tracing, fake tensors and
     autograd go through the op.
     """
+    q_latent, q_rope = autocast_inputs(q_latent, q_rope, dtype=getattr(kv_cache, "dtype", None))
     _check_float("q_latent", q_latent, 4)
     _check_float("q_rope", q_rope, 4)
     batch, s_q, num_heads, d_lat = q_latent.shape
@@ -735,6 +743,9 @@ def _(kv_cache, latent, k_rope, slot_mapping):
     return None
 
 
+run_without_autocast(_mla_cache_append)
+
+
 def mla_cache_append(
     kv_cache: torch.Tensor,
     latent: torch.Tensor,
@@ -755,7 +766,7 @@ def mla_cache_append(
     Args:
         kv_cache: ``[num_blocks, block_size, D_lat + D_rope]``, unit last stride; modified.
         latent: ``[N, D_lat]`` (after ``kv_a_layernorm``); k_rope: ``[N, D_rope]`` (after the
-            rotary embedding); the cache's dtype.
+            rotary embedding); the cache's dtype (under ``torch.autocast`` they are cast to it).
         slot_mapping: int64 ``[N]``, ``slot = block_id * block_size + offset``, ``< num_blocks *
             block_size``.
         validate: check the slots' range (a host sync; skipped under graph capture / compile).
@@ -764,6 +775,7 @@ def mla_cache_append(
     CUDA kernels, else Triton, on CUDA tensors; the PyTorch path on the CPU, called directly on
     plain tensors in eager mode (as for :func:`mla_decode`).
     """
+    latent, k_rope = autocast_inputs(latent, k_rope, dtype=getattr(kv_cache, "dtype", None))
     _check_float("latent", latent, 2)
     _check_float("k_rope", k_rope, 2)
     num_tokens, d_lat = latent.shape

@@ -52,9 +52,9 @@ from typing import Any, Sequence
 
 import torch
 
-from moe_align.modules._autocast import autocast_linear_logprobs
 from moe_align.modules.moe import update_correction_biases_
 from moe_align.ops.grpo import LOSS_AGGREGATIONS, group_advantages, grpo_loss
+from moe_align.ops.logprobs import linear_logprobs
 from moe_align.train.data import (IGNORE_INDEX, DatasetError, Example, PackedBatch, ResumableLoader,
                                   load_prompt_dataset)
 from moe_align.train.rewards import ON_ERROR, RewardError, RewardMix, RewardResult
@@ -529,8 +529,7 @@ class GRPOTrainer(Trainer):
                         hidden = model(packed.input_ids, packed.cu_seqlens, packed.max_seqlen)
                         targets = model.shift_targets(packed.labels, packed.cu_seqlens)
                         # as model.token_logprobs computes, so that the first pass's ratio is exactly 1
-                        logp, entropy = autocast_linear_logprobs(hidden, model.lm_head.weight, targets,
-                                                                 return_entropy=True)
+                        logp, entropy = linear_logprobs(hidden, model.lm_head.weight, targets, return_entropy=True)
                     else:
                         logp = model.token_logprobs(packed.input_ids, packed.cu_seqlens, packed.max_seqlen,
                                                     packed.labels)[0]
