@@ -128,3 +128,18 @@ def test_bad_input(args, match):
 def test_cuda_matches_oracle(tokens, top_k, experts, block_size):
     g = torch.Generator().manual_seed(tokens + experts)
     check(random_ids(tokens, top_k, experts, g).cuda(), experts, block_size)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_out_of_range_ids_name_the_entry_in_every_backend(backend, backend_name):
+    backend(backend_name)
+    ids = torch.zeros(70000, 2, dtype=torch.int32)  # two chunks of the C++ counting pass
+    ids[41234, 1] = 9
+    with pytest.raises(ValueError, match="outside") as info:
+        moe_align_block_size(ids, 9, 64)
+    if backend_name == "cpp":
+        assert "topk_ids[41234, 1] = 9" in str(info.value)
+    # an int64 id that would wrap into range as int32 is still an error
+    wrapping = torch.tensor([[0, 2**32 + 3]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="outside"):
+        moe_align_block_size(wrapping, 8, 4)

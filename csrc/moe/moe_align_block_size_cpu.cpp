@@ -49,9 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
   const int64_t chunk_elems = (numel + num_chunks - 1) / num_chunks;
   auto chunk_begin = [&](int64_t c) { return std::min(numel, c * chunk_elems); };
 
-  // Pass 1: next[c * E + e] = ids of expert e in chunk c.
+  // Pass 1: next[c * E + e] = ids of expert e in chunk c. It also checks the ids' range (the
+  // Python wrapper leaves that to this pass on the CPU): the first bad index found is reported.
   std::vector<int32_t> next(static_cast<size_t>(num_chunks * num_experts), 0);
-  std::atomic<bool> out_of_range{false};
+  std::atomic<int64_t> bad_index{-1};
   auto count_chunks = [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       int32_t* hist = next.data() + c * num_experts;
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
       for (int64_t i = chunk_begin(c); i < end; ++i) {
         const int32_t e = ids[i];
         if (static_cast<uint32_t>(e) >= static_cast<uint32_t>(num_e)) {
-          out_of_range = true;
+          bad_index = i;
           return;
         }
         ++hist[e];
@@ -71,8 +72,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
   } else {
     at::parallel_for(0, num_chunks, 1, count_chunks);
   }
-  TORCH_CHECK(!out_of_range, "moe_align_block_size: topk_ids holds an expert id outside [0, ",
-              num_experts, ")");
+  const int64_t bad = bad_index.load();
+  if (bad >= 0) {
+    const int64_t top_k = topk_ids.size(1);
+    TORCH_CHECK_VALUE(false, "moe_align_block_size: topk_ids[", bad / top_k, ", ", bad % top_k, "] = ", ids[bad],
+                      " is outside [0, num_experts=", num_experts, ")");
+  }
 
   // Expert e owns slots [slot, slot + padded count); next[c * E + e] becomes the first slot
   // of chunk c's ids of expert e. Blocks of the expert and its padding are written here.
