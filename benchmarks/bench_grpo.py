@@ -25,7 +25,6 @@ max_new_tokens and every provider processes the same number of tokens.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import gc
@@ -485,10 +484,7 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: small and tiny-v2, 2 prompts x 4, 8 new tokens")
+    p = common.argument_parser(__doc__, "a smoke run: small and tiny-v2, 2 prompts x 4, 8 new tokens")
     p.add_argument("--shapes", nargs="+", choices=SHAPES, help="default: small v2-lite")
     p.add_argument("--prompts", type=int, help="prompts per step (P)")
     p.add_argument("--group", type=int, help="outputs per prompt (G)")

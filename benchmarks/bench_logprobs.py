@@ -18,7 +18,6 @@ Providers (one table):
 
 from __future__ import annotations
 
-import argparse
 import gc
 import re
 import statistics
@@ -298,9 +297,7 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a smoke run in seconds (N=256, H=64, V=1000)")
+    p = common.argument_parser(__doc__, "a smoke run in seconds (N=256, H=64, V=1000)")
     p.add_argument("--tokens", nargs="+", type=int, help="N; default 8192 on CUDA, 4096 on the CPU")
     p.add_argument("--hidden", nargs="+", type=int, help="H; default 2048 7168 on CUDA, 1024 on the CPU")
     p.add_argument("--vocab", nargs="+", type=int, help="V; default 102400 129280 on CUDA, 32000 on the CPU")

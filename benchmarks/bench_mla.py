@@ -25,7 +25,6 @@ Sections (one table):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -417,10 +416,7 @@ def cases(bench: Bench, args, device) -> list[tuple[str, Callable[[], list[dict]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds)")
+    p = common.argument_parser(__doc__, "a tiny smoke run (seconds)")
     p.add_argument("--sections", nargs="+", choices=["decode", "prefill", "module-decode", "module-train"],
                    help="default: decode prefill on CUDA, module-decode module-train on the CPU")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 gives steadier "

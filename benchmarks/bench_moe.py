@@ -19,7 +19,6 @@ Sections (one table):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import math
@@ -409,11 +408,8 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Shapes: " + "; ".join(f"{k}: {v.describe()}" for k, v in SHAPES.items()))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds): shape tiny-v3, T in {1, 16}")
+    p = common.argument_parser(__doc__, "a tiny smoke run (seconds): shape tiny-v3, T in {1, 16}",
+                               epilog="Shapes: " + "; ".join(f"{k}: {v.describe()}" for k, v in SHAPES.items()))
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: v2-lite v3 on CUDA, "
                    "v2-lite v3-mini on the CPU")
     p.add_argument("--tokens", nargs="+", type=int, help="default: 1 64 4096 16384 on CUDA, 1 16 64 256 on the CPU")

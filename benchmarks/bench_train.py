@@ -30,7 +30,6 @@ one (threads wait for each other's descheduled partner): ``--threads 1`` there.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import dataclasses
 import gc
@@ -459,10 +458,7 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: small and tiny-v2 shapes, N=256, 1 timed step")
+    p = common.argument_parser(__doc__, "a smoke run: small and tiny-v2 shapes, N=256, 1 timed step")
     p.add_argument("--shapes", nargs="+", choices=SHAPES, help="default: small medium v2-lite")
     p.add_argument("--tokens", type=int, help="N, tokens per step (default per shape: CPU 2048 / 2048 / 512, GPU 8192)")
     p.add_argument("--max-seq-len", type=int, help="longest sequence of the batch (default: CPU 256, GPU 1024)")

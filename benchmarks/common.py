@@ -318,6 +318,15 @@ def report(title: str, meta: dict[str, str], notes: Sequence[str], rows: Sequenc
 # --------------------------------------------------------------------------- arguments
 
 
+def argument_parser(doc: str, quick_help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first paragraph, ``--device`` and ``--quick``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
+
+
 def add_output_arguments(p: argparse.ArgumentParser) -> None:
     """``--markdown`` and ``--csv``: where :func:`report` writes the table; ``--time-limit``."""
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
