@@ -57,11 +57,28 @@ def test_edge_layouts(backend, backend_name):
     check(torch.arange(32, dtype=torch.int32).remainder(4).reshape(16, 2), 4, 8)
 
 
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so that the C++ kernel cuts inputs of 2 x 2**18 pairs or more in two
+    chunks (one per thread): the multi-chunk scan and scatter run on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 def test_more_than_64k_pairs(backend, backend_name):
     backend(backend_name)
     g = torch.Generator().manual_seed(1)
     ids = random_ids(9000, 8, 256, g)  # 72000 pairs
+    check(ids, 256, 64)
+
+
+def test_two_chunks_of_the_cpp_kernel(backend, two_threads):
+    backend("cpp")
+    g = torch.Generator().manual_seed(11)
+    ids = random_ids(66000, 8, 256, g, skip=(5,))  # 528000 pairs: two chunks; expert 5 unused
     check(ids, 256, 64)
 
 
@@ -131,14 +148,14 @@ def test_cuda_matches_oracle(tokens, top_k, experts, block_size):
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_out_of_range_ids_name_the_entry_in_every_backend(backend, backend_name):
+def test_out_of_range_ids_name_the_entry_in_every_backend(backend, backend_name, two_threads):
     backend(backend_name)
-    ids = torch.zeros(70000, 2, dtype=torch.int32)  # two chunks of the C++ counting pass
-    ids[41234, 1] = 9
+    ids = torch.zeros(270000, 2, dtype=torch.int32)  # two chunks of the C++ counting pass
+    ids[201234, 1] = 9  # in the second
     with pytest.raises(ValueError, match="outside") as info:
         moe_align_block_size(ids, 9, 64)
     if backend_name == "cpp":
-        assert "topk_ids[41234, 1] = 9" in str(info.value)
+        assert "topk_ids[201234, 1] = 9" in str(info.value)
     # an int64 id that would wrap into range as int32 is still an error
     wrapping = torch.tensor([[0, 2**32 + 3]], dtype=torch.int64)
     with pytest.raises(ValueError, match="outside"):
