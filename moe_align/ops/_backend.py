@@ -56,9 +56,9 @@ def plain_eager_cpu(*tensors: torch.Tensor | None) -> bool:
     """Whether an op's PyTorch path may be called directly rather than through its
     ``torch.ops.moe_align`` op: plain CPU tensors in eager mode, with nothing that needs the op
     itself (torch.compile or jit tracing, tensor subclasses, functorch transforms, dispatch or
-    function modes, autograd recording, the profiler, autocast: the op runs with it off). The op runs the same function after
-    torch.library's Python dispatch, 50-80 us a call: most of a small model's decode step on a
-    CPU. ``None`` entries (optional arguments) are skipped."""
+    function modes, autograd recording, the profiler, autocast: the op runs with it off). The op
+    runs the same function after torch.library's Python dispatch, 50-80 us a call: most of a
+    small model's decode step on a CPU. ``None`` entries (optional arguments) are skipped."""
     tensors = tuple(t for t in tensors if t is not None)
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
