@@ -59,7 +59,7 @@ def moe_align_block_size_torch(
     return sorted_token_ids, expert_ids, total.to(torch.int32)
 
 
-def _check(topk_ids: torch.Tensor, num_experts: int, block_size: int, check_values: bool) -> None:
+def _check(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> None:
     if not isinstance(topk_ids, torch.Tensor):
         raise TypeError(f"topk_ids must be a tensor, got {type(topk_ids).__name__}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -70,14 +70,18 @@ def _check(topk_ids: torch.Tensor, num_experts: int, block_size: int, check_valu
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if check_values and topk_ids.numel() > 0 and not torch.compiler.is_compiling():
+    if topk_ids.numel() >= 2**31 - max_num_tokens_padded(0, num_experts, block_size) - 1:
+        raise ValueError(f"topk_ids has {topk_ids.numel()} entries; the int32 layout holds < 2**31")
+
+
+def _check_range(topk_ids: torch.Tensor, num_experts: int) -> None:
+    """One pass over the ids on the host (skipped under torch.compile)."""
+    if topk_ids.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = (int(x) for x in torch.aminmax(topk_ids))
         if lo < 0 or hi >= num_experts:
             raise ValueError(
                 f"topk_ids holds expert ids in [{lo}, {hi}], outside [0, num_experts={num_experts})"
             )
-    if topk_ids.numel() >= 2**31 - max_num_tokens_padded(0, num_experts, block_size) - 1:
-        raise ValueError(f"topk_ids has {topk_ids.numel()} entries; the int32 layout holds < 2**31")
 
 
 def moe_align_block_size(
@@ -109,16 +113,17 @@ def moe_align_block_size(
     Backends: CUDA kernel on CUDA tensors (up to 1024 experts), C++ kernel on CPU tensors,
     PyTorch path otherwise or with ``MOE_ALIGN_BACKEND=torch``.
     """
-    device = getattr(topk_ids, "device", None)
-    if device is not None and device.type == "cuda":
+    _check(topk_ids, num_experts, block_size)
+    device = topk_ids.device
+    if device.type == "cuda":
         available = ("cuda", "torch") if num_experts <= CUDA_MAX_EXPERTS else ("torch",)
     else:
         available = ("cpp", "torch")
     backend = backend_for("moe_align_block_size", device, available, default=available[0])
     # The C++ kernel checks int32 ids in its counting pass (a ValueError naming the entry); int64
     # ids are checked here, before their cast to int32 could wrap an id into range.
-    native_checks = backend == "cpp" and getattr(topk_ids, "dtype", None) == torch.int32
-    _check(topk_ids, num_experts, block_size, check_values=not native_checks)
+    if not (backend == "cpp" and topk_ids.dtype == torch.int32):
+        _check_range(topk_ids, num_experts)
     if backend == "torch":
         return moe_align_block_size_torch(topk_ids, num_experts, block_size)
     ids = topk_ids.to(torch.int32).contiguous()
