@@ -76,11 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(
     at::parallel_for(0, num_chunks, 1, count_chunks);
   }
   const int64_t bad = bad_index.load();
-  if (bad >= 0) {
-    const int64_t top_k = topk_ids.size(1);
-    TORCH_CHECK_VALUE(false, "moe_align_block_size: topk_ids[", bad / top_k, ", ", bad % top_k, "] = ", ids[bad],
-                      " is outside [0, num_experts=", num_experts, ")");
-  }
+  const int64_t top_k = topk_ids.size(1);  // the message is built only on failure (then top_k > 0)
+  TORCH_CHECK_VALUE(bad < 0, "moe_align_block_size: topk_ids[", bad / top_k, ", ", bad % top_k,
+                    "] = ", ids[bad], " is outside [0, num_experts=", num_experts, ")");
 
   // Expert e owns slots [slot, slot + padded count); next[c * E + e] becomes the first slot
   // of chunk c's ids of expert e. Blocks of the expert and its padding are written here.
