@@ -40,8 +40,8 @@ class DemoConfig:
     max_digits: int = 2  # operands of 1 .. max_digits digits
     train_problems: int = 4000
     eval_problems: int = 400  # held-out problems for the accuracy after each stage
-    # SFT to about half right on held-out problems, where GRPO has something to fix (at lr 3e-3
-    # the accuracy after SFT ranged 0.1-0.7 over seeds; see benchmarks/results/demo_cpu.md)
+    # SFT stops at a partly competent model, leaving GRPO something to fix (at lr 3e-3 the
+    # accuracy after SFT ranged 0.1-0.7 over seeds; see benchmarks/results/demo_cpu.md)
     sft_steps: int = 500
     sft_lr: float = 1e-3
     sft_batch_tokens: int = 1024
