@@ -128,8 +128,9 @@ def run(config: DemoConfig) -> dict[str, Any]:
     max_seq_len = task.max_prompt_chars + max_new_tokens + 2
     common = dict(device=config.device, seed=config.seed, progress=config.progress, max_seq_len=max_seq_len)
 
-    sft = SFTTrainer(SFTConfig(model=config.preset, data=paths["train"], output_dir=os.path.join(config.output_dir, "sft"),
-                               lr=config.sft_lr, max_steps=config.sft_steps, batch_tokens=config.sft_batch_tokens,
+    sft = SFTTrainer(SFTConfig(model=config.preset, data=paths["train"],
+                               output_dir=os.path.join(config.output_dir, "sft"), lr=config.sft_lr,
+                               max_steps=config.sft_steps, batch_tokens=config.sft_batch_tokens,
                                schedule="cosine", warmup_steps=min(50, config.sft_steps // 10), min_lr_ratio=0.1,
                                **common))
     sft_time = time.perf_counter()
