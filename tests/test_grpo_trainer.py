@@ -18,10 +18,12 @@ import pytest
 import torch
 from conftest import cpu_subprocess_env, requires_cuda
 
+from moe_align.modules.moe import DeepseekMoE
+from moe_align.train.data import Example
 from moe_align.train.grpo import (GRPOConfig, GRPOTrainer, completion_logps, grpo_step_loss,
-                                  masked_group_advantages)
+                                  masked_group_advantages, reward_columns)
 from moe_align.train.rewards import RewardError, RewardWarning, register_reward
-from moe_align.train.rollout import PolicyRolloutEngine, Rollout, truncate_at_stop
+from moe_align.train.rollout import PolicyRolloutEngine, Rollout, find_stop, truncate_at_stop
 from moe_align.train.tokenizer import CharTokenizer
 from oracle_grpo import (aggregate_oracle, combine_rewards_oracle, group_advantages_oracle,
                          grpo_token_loss_oracle)
@@ -146,6 +148,52 @@ def test_completion_logps_gathers_the_completion_tokens():
             assert float(out[b, j]) == want and bool(mask[b, j]) == (j < completion_lens[b])
 
 
+def test_plan_splits_the_rollouts_into_minibatches_of_micro_batches(tmp_path):
+    """Every output once, in order; minibatches of sizes differing by at most one; micro-batches
+    of at most batch_tokens tokens (an output alone may exceed it)."""
+    trainer = GRPOTrainer(tiny_config(tmp_path, batch_tokens=10), rollout_engine=ScriptedEngine(CharTokenizer(), None))
+
+    def plan(lengths, minibatches):
+        trainer.config.minibatches = minibatches
+        batch = type("Batch", (), {"examples": [Example([0] * n, [0] * n) for n in lengths]})()
+        return trainer.plan(batch)
+
+    assert plan([4, 6, 3, 3, 5], 2) == [[[0, 1], [2]], [[3, 4]]]
+    assert plan([4, 6, 3, 3, 5], 3) == [[[0, 1]], [[2, 3]], [[4]]]
+    assert plan([12, 2, 9, 1], 1) == [[[0], [1], [2, 3]]]
+
+
+def test_make_batch_masks_skipped_outputs_and_pads_completions(tmp_path):
+    trainer = GRPOTrainer(tiny_config(tmp_path), rollout_engine=ScriptedEngine(CharTokenizer(), None))
+    rollouts = [Rollout([1, 5], [7, 8, 9], "", "stop"), Rollout([1], [7], "", "stop"),
+                Rollout([1, 5, 6], [7, 8], "", "stop")]
+    valid = torch.tensor([True, False, True])
+    batch = trainer.make_batch(rollouts, torch.tensor([0.5, 0.0, -0.5]), valid)
+    assert batch.mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 1, 0]]
+    assert batch.prompt_lens == [2, 1, 3] and batch.completion_lens == [3, 1, 2]
+    assert batch.examples[2].input_ids == [1, 5, 6, 7, 8] and batch.examples[2].labels == [-100] * 3 + [7, 8]
+    assert batch.sampler_logp is None
+
+
+def test_reward_columns_repeat_each_record_for_its_group():
+    records = [{"prompt": "a", "answer": "1", "_source": "f:1"}, {"prompt": "b", "answer": "2", "extra": 3}]
+    assert reward_columns(records, 2) == {"answer": ["1", "1", "2", "2"], "extra": [None, None, 3, 3]}
+
+
+def test_unscaled_advantages_are_reward_minus_group_mean(tmp_path):
+    tok = CharTokenizer()
+    engine = ScriptedEngine(tok, lambda prompt, j: ["1", "22", "4444", "333"][j] + prompt[-2])
+    trainer = GRPOTrainer(tiny_config(tmp_path, scale_rewards=False, rewards={"test_length": 1.0}),
+                          rollout_engine=engine)
+    trainer.train_step(next(iter(trainer.loader)))
+    samples, G = trainer.last_samples, trainer.config.group_size
+    for start in range(0, len(samples), G):
+        rewards = torch.tensor([s["reward"] for s in samples[start:start + G]], dtype=torch.float64)
+        advantages = torch.tensor([s["advantage"] for s in samples[start:start + G]], dtype=torch.float64)
+        torch.testing.assert_close(advantages, rewards - rewards.mean(), rtol=1e-6, atol=1e-6)
+        assert rewards.std() > 0.1
+
+
 # ---- 2. a bandit with a known optimal policy ----------------------------------------------------------
 
 
@@ -239,6 +287,80 @@ def test_logged_rewards_combine_as_eq36_per_stage(tmp_path):
     assert log[0]["ratio/mean"] != 1.0 and "clip_ratio/region_mean" in log[0]
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+def test_each_optimizer_step_has_the_gradient_of_its_own_minibatch(tmp_path):
+    """lr = 0 keeps the weights: the second pass over the rollouts must see the first pass's
+    gradients again, minibatch by minibatch (nothing carried over between optimizer steps)."""
+    engine = ScriptedEngine(CharTokenizer(), lambda prompt, j: "1234"[: j + 1])
+    trainer = GRPOTrainer(tiny_config(tmp_path, lr=0.0, grad_clip=0.0, num_iterations=2, minibatches=2,
+                                      rewards={"test_length": 1.0}), rollout_engine=engine)
+    grads, step = [], trainer.optimizer.step
+
+    def capture():
+        grads.append([p.grad.clone() for p in trainer.trainable])
+        step()
+
+    trainer.optimizer.step = capture
+    trainer.train_step(next(iter(trainer.loader)))
+    assert len(grads) == 4
+    assert any(not torch.equal(a, b) for a, b in zip(grads[0], grads[1]))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for first, second in ((0, 2), (1, 3)):
+        for a, b in zip(grads[first], grads[second]):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+
+
+def test_a_step_of_skipped_samples_leaves_the_weights(tmp_path):
+    """Every sample skipped: no optimizer step (AdamW's momentum would still move the weights)."""
+    broken = {"now": False}
+
+    def sometimes_offline(prompts, completions, **kwargs):
+        if broken["now"]:
+            raise RuntimeError("offline")
+        return [len(c) / 10 for c in completions]
+
+    register_reward("test_sometimes_offline", sometimes_offline, override=True)
+    engine = ScriptedEngine(CharTokenizer(), lambda prompt, j: "1234"[: j + 1])
+    trainer = GRPOTrainer(tiny_config(tmp_path, reward_on_error="skip", rewards={"test_sometimes_offline": 1.0}),
+                          rollout_engine=engine)
+    steps = iter(trainer.loader)
+    trainer.train_step(next(steps))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    broken["now"] = True
+    with pytest.warns(RewardWarning):
+        metrics = trainer.train_step(next(steps))
+    assert metrics["reward/num_skipped"] == 8
+    for name, value in trainer.model.state_dict().items():
+        if "tokens_per_expert" not in name:
+            assert torch.equal(value, before[name]), name
+
+
+def test_rollouts_and_old_logprobs_do_not_count_expert_tokens(tmp_path):
+    """The V3 bias update counts the tokens of the update's forward only: sampling and the old
+    log-probs run in eval mode, and the model's mode is restored."""
+    trainer = GRPOTrainer(tiny_config(tmp_path, max_new_tokens=4))
+    moe = [m for m in trainer.model.modules() if isinstance(m, DeepseekMoE)]
+    assert moe and trainer.model.training
+    for m in moe:
+        m.pop_tokens_per_expert()
+    prompts = next(iter(trainer.loader))
+    rollouts = trainer.generate_rollouts(prompts)
+    batch = trainer.make_batch(rollouts, torch.zeros(len(rollouts)), torch.ones(len(rollouts), dtype=torch.bool))
+    trainer.policy_logprobs(batch)
+    assert trainer.model.training
+    assert all(int(m.pop_tokens_per_expert().sum()) == 0 for m in moe)
+
+
+def test_sampling_streams_differ_per_step_and_repeat_per_step(tmp_path):
+    trainer = GRPOTrainer(tiny_config(tmp_path, max_new_tokens=8))
+    prompts = next(iter(trainer.loader))
+    sample = lambda: [r.completion_ids for r in trainer.generate_rollouts(prompts)]  # noqa: E731
+    first = sample()
+    assert sample() == first
+    trainer.step = 1
+    assert sample() != first
+
+
 # ---- 4. generation through the paged cache ---------------------------------------------------------------
 
 
@@ -266,6 +388,13 @@ def test_greedy_rollouts_match_full_forward_argmax():
         for r in rollouts[2 * i: 2 * i + 2]:
             assert r.prompt_ids == prompt and r.completion_ids == expected
             assert r.text == tok.decode(expected)
+            assert r.finish_reason == ("stop" if expected[-1] == tok.eos_id else "length")
+    # a stop token ends a completion (and is kept): finish_reason "stop"
+    free = rollouts[0].completion_ids
+    stop = free[2]
+    cut = engine.generate(prompts[:1], n=1, max_new_tokens=10, temperature=0.0, top_p=1.0, stop_token_ids=[stop],
+                          stop_strings=[], generator=None)[0]
+    assert cut.completion_ids == free[: free.index(stop) + 1] and cut.finish_reason == "stop"
 
 
 def test_stop_strings_truncate_text_and_tokens():
@@ -276,6 +405,11 @@ def test_stop_strings_truncate_text_and_tokens():
     kept, text, stopped = truncate_at_stop(ids, tok, ["Q:", ";A"])  # the earliest stop string wins
     assert stopped and text == "7+8+0=15" and tok.decode(kept) == "7+8+0=15;A"
     assert truncate_at_stop(ids, tok, ["zz"]) == (ids, tok.decode(ids), False)
+    # a stop string completed by the last token keeps every token
+    assert truncate_at_stop(tok.encode("12;"), tok, [";"]) == (tok.encode("12;"), "12", True)
+    # at the same position the longest stop string wins
+    assert find_stop("xA:1", ["A", "A:"]) == find_stop("xA:1", ["A:", "A"]) == (1, "A:")
+    assert find_stop("xA:1", ["1", ":"]) == (2, ":") and find_stop("x", ["y"]) is None
 
     torch.manual_seed(0)
     from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM, PRESETS
@@ -501,3 +635,7 @@ def test_config_errors(tmp_path):
         GRPOTrainer(tiny_config(tmp_path, stages=[{"name": "a", "steps": 0}]))
     with pytest.raises(ValueError, match="max_steps"):
         GRPOTrainer(tiny_config(tmp_path, max_steps=5, stages=[{"name": "a", "steps": 2}]))
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room"):
+        GRPOTrainer(tiny_config(tmp_path, max_new_tokens=64, max_seq_len=64))
+    data = write_prompts(tmp_path / "p.jsonl", ["", ""])  # [bos] alone: one prompt token
+    GRPOTrainer(tiny_config(tmp_path, max_new_tokens=63, max_seq_len=64, data=data))

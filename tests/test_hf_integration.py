@@ -265,7 +265,7 @@ def test_padded_batch_matches(kind, padding, count_calls):
 def test_num_items_in_batch_shift_labels_and_tuple_output():
     reference, model = reference_and_patched("v3")
     ids, labels = random_batch()
-    n = torch.tensor(11)
+    n = torch.tensor(17)  # not the 11 kept targets: the given count must be the divisor
     ref = reference(ids, labels=labels, num_items_in_batch=n, return_dict=False)
     out = model(ids, labels=labels, num_items_in_batch=n, return_dict=False)
     assert isinstance(out, tuple)
@@ -274,6 +274,12 @@ def test_num_items_in_batch_shift_labels_and_tuple_output():
     shifted[1, 3] = -100
     torch.testing.assert_close(model(ids, labels=labels, shift_labels=shifted).loss,
                                reference(ids, labels=labels, shift_labels=shifted).loss, **TOL)
+    # logits asked for (logits_to_keep other than 0): transformers' forward, logits and loss
+    keep = torch.arange(ids.shape[1])
+    ref, out = reference(ids, labels=labels, logits_to_keep=keep), model(ids, labels=labels, logits_to_keep=keep)
+    assert out.logits is not None
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -346,6 +352,12 @@ def test_2d_padding_mask_as_flash_attention_passes_it(count_calls):
     assert count_calls()["mla_varlen_attention"] == 1
     torch.testing.assert_close(out[keep], call(ref_attn, hidden, mask4d, rotary, position_ids)[keep], **TOL)
     assert not out[~keep].any()  # our path leaves padding at 0
+    # the same mask tensor edited in place is planned anew
+    mask2d[1, 4] = 1
+    keep = mask2d.bool()
+    mask4d = (torch.ones(6, 6, dtype=torch.bool).tril()[None] & keep[:, None, :])[:, None]
+    out = call(attn, hidden, mask2d, rotary, position_ids)
+    torch.testing.assert_close(out[keep], call(ref_attn, hidden, mask4d, rotary, position_ids)[keep], **TOL)
 
 
 def test_other_masks_fall_back_to_transformers(count_calls):
@@ -361,6 +373,34 @@ def test_other_masks_fall_back_to_transformers(count_calls):
         torch.testing.assert_close(call(attn, hidden, mask, rotary, position_ids),
                                    call(ref_attn, hidden, mask, rotary, position_ids), **TOL)
     assert count_calls()["mla_varlen_attention"] == 0
+    # an additive float mask with a finite bias is not a 0 / -inf pattern: transformers adds it
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+    soft = torch.zeros(2, 1, seq_len, seq_len).masked_fill(~causal, -1.0)
+    torch.testing.assert_close(call(attn, hidden, soft, rotary, position_ids),
+                               call(ref_attn, hidden, soft, rotary, position_ids), **TOL)
+    assert count_calls()["mla_varlen_attention"] == 0
+
+
+def test_packing_without_a_mask_only_for_eager_and_sdpa():
+    """Without a mask, flash kernels may split rows into sequences by position_ids: fall back."""
+    cpu = torch.device("cpu")
+    for implementation in ("flash_attention_2", "flex_attention", None):
+        assert hf_module._build_packing(None, None, 2, 5, cpu, implementation) is None, implementation
+    for implementation in ("eager", "sdpa"):
+        plan = hf_module._build_packing(None, None, 2, 5, cpu, implementation)
+        assert plan.rows is None and plan.cu_seqlens.tolist() == [0, 5, 10] and plan.max_seqlen == 5
+
+
+def test_attention_dropout_in_training_falls_back_to_transformers(count_calls):
+    prefix, extra = CONFIGS["v3"]
+    config = transformers.DeepseekV3Config(**dict(COMMON, attention_dropout=0.1), **extra, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = patch_model(transformers.DeepseekV3ForCausalLM(config))
+    ids, _ = random_batch()
+    model.eval()(ids)
+    assert count_calls()["mla_varlen_attention"] == 2
+    model.train()(ids)
+    assert count_calls()["mla_varlen_attention"] == 2  # dropout on the attention weights: transformers'
 
 
 # ---- training ------------------------------------------------------------------------------------

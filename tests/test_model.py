@@ -112,6 +112,33 @@ def test_packed_logprobs_equal_each_sequence_alone_and_loss_matches_float64_orac
     torch.testing.assert_close(loss.double(), torch.tensor(total / kept, dtype=torch.float64), rtol=1e-5, atol=1e-6)
 
 
+def test_shift_targets_at_one_token_and_empty_sequences():
+    """Each sequence's last token has no target, also when the sequence is one token long (first
+    in the pack included) or the pack holds empty sequences."""
+    for lengths in ([1, 3, 1, 2], [0, 1, 4], [2, 0, 1, 1], [1]):
+        cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        labels = torch.arange(10, 10 + sum(lengths))
+        targets = DeepseekForCausalLM.shift_targets(labels, cu)
+        expected, start = [], 0
+        for n in lengths:
+            expected += [int(labels[start + j + 1]) if j + 1 < n else -100 for j in range(n)]
+            start += n
+        assert targets.tolist() == expected, lengths
+
+
+def test_labels_outside_the_vocabulary_raise_naming_labels():
+    model = DeepseekForCausalLM("tiny")
+    ids, cu, mx = model.pack([[1, 2, 3], [4, 5]])
+    for bad in (-5, 512):
+        labels = ids.clone()
+        labels[1] = bad
+        with pytest.raises(ValueError, match="labels"):
+            model.token_logprobs(ids, cu, mx, labels=labels)
+    labels = ids.clone()
+    labels[0] = 600  # no token predicts the first one: not a target, no error
+    model.token_logprobs(ids, cu, mx, labels=labels)
+
+
 def _argmax_by_full_forwards(model, prompt, n):
     seq = list(prompt)
     for _ in range(n):
@@ -135,6 +162,9 @@ def test_prefill_of_mixed_lengths_equals_each_prompt_alone():
     prompts = [[5] * n for n in (4, 5, 5, 6, 1, 12, 4)]
     assert model._prefill_groups([len(p) for p in prompts], pad=True) == [[4], [0, 6, 1, 2, 3], [5]]
     assert model._prefill_groups([len(p) for p in prompts], pad=False) == [[4], [0, 6], [1, 2], [3], [5]]
+    # padding may add at most a quarter to a group's tokens
+    assert model._prefill_groups([3, 5], pad=True) == [[0, 1]]  # 10 <= 1.25 * 8
+    assert model._prefill_groups([2, 5], pad=True) == [[0], [1]]  # 10 > 1.25 * 7
     prompts = [[3, 1, 4, 1], [5, 9, 2, 6, 5], [35, 8], [5, 9, 2, 6, 5], [9], [7] * 12, [3, 1, 4, 1], [2, 7, 1, 8]]
     alone = [model.generate([p], max_new_tokens=5)[0] for p in prompts]
     # repeated prompts are prefilled once (their copies fork the cache)
@@ -175,6 +205,9 @@ def test_sampling_reproducible_with_generator():
     tiny_p = model.generate(prompts, max_new_tokens=10, temperature=1.0, top_p=1e-6,
                             generator=torch.Generator().manual_seed(0))
     assert tiny_p == model.generate(prompts, max_new_tokens=10)
+    # temperature -> 0 sharpens softmax(logits / temperature) onto the top token: greedy too
+    cold = model.generate(prompts, max_new_tokens=10, temperature=1e-5, generator=torch.Generator().manual_seed(0))
+    assert cold == model.generate(prompts, max_new_tokens=10)
 
 
 def _expected_params(c):

@@ -129,7 +129,8 @@ def test_trainer_loss_is_the_mean_over_all_pairs_of_the_step(tmp_path):
 def test_pointwise_trainer_loss_and_labels(tmp_path):
     records = [{"prompt": "Q:1+1=", "response": "1+1+0=02;A:2", "label": 1},
                {"prompt": "Q:1+1=", "response": "1+1+0=02;A:3", "label": False},
-               {"prompt": "Q:2+2=", "response": "no idea", "label": 0.25}]
+               {"prompt": "Q:2+2=", "response": "no idea", "label": 0.25},
+               {"prompt": "Q:3+3=", "response": "maybe 6", "label": 0.5}]
     data = write_records(tmp_path / "p.jsonl", records)
     trainer = RewardModelTrainer(rm_config(tmp_path, data=data, loss="pointwise"))
     step = next(iter(trainer.loader))
@@ -137,9 +138,11 @@ def test_pointwise_trainer_loss_and_labels(tmp_path):
         loss, metrics = trainer.compute_loss(step[0], trainer.loss_denominator(step))
         rewards = [float(trainer.model(*DeepseekForCausalLM.pack([e.example.input_ids]))) for e in step[0]]
     labels = [e.label for e in step[0]]
-    assert sorted(labels) == [0.0, 0.25, 1.0]
+    assert sorted(labels) == [0.0, 0.25, 0.5, 1.0]
     assert float(loss) == pytest.approx(oracle_bce(rewards, labels), rel=1e-5)
-    assert metrics["_count"] == 3 and "accuracy" in metrics
+    assert metrics["_count"] == 4
+    # a label of 0.5 or more counts as positive: right when the reward (the logit) is > 0
+    assert int(metrics["accuracy"]) == sum((r > 0) == (y >= 0.5) for r, y in zip(rewards, labels))
 
     scores = write_records(tmp_path / "s.jsonl", [dict(r, label=s) for r, s in zip(records, [4.0, -2.0, 7.5])])
     trainer = RewardModelTrainer(rm_config(tmp_path, data=scores, loss="pointwise", pointwise_target="regression"))

@@ -240,6 +240,29 @@ def test_policy_skip(fn):
     assert len(result.errors) == 1 and BAD in result.errors[0]
 
 
+def test_skip_zeroes_every_reward_of_a_skipped_sample():
+    def one(prompts, completions, **kwargs):
+        return [1.0] * len(completions)
+
+    mix = RewardMix([(nan_on_bad, 1.0), (one, 0.5)], on_error="skip")
+    with pytest.warns(RewardWarning, match="skipped"):
+        result = mix(BATCH_P, BATCH_C)
+    assert result.valid.tolist() == [True, True, False, True]
+    assert result.per_function["one"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert result.total.tolist() == [1.5, 1.5, 0.0, 1.5]
+
+
+def test_a_reward_beyond_float32_is_an_error():
+    def huge(prompts, completions, **kwargs):
+        return [1e39 if c == BAD else 1.0 for c in completions]
+
+    with pytest.warns(RewardWarning, match="'huge' returned 1e\\+39 on sample 2"):
+        result = RewardMix([(huge, 1.0)], on_error="zero")(BATCH_P, BATCH_C)
+    assert result.total.tolist() == [1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(RewardError, match="sample 2"):
+        RewardMix([(huge, 1.0)], on_error="raise")(BATCH_P, BATCH_C)
+
+
 def test_whole_batch_failure():
     calls = []
 
@@ -263,6 +286,9 @@ def test_whole_batch_failure():
     with pytest.warns(RewardWarning):
         result = RewardMix([(broken, 1.0)], on_error="skip")(["a", "b"], ["c", "d"])
     assert not result.valid.any()
+    with pytest.warns(RewardWarning, match="all marked invalid"):
+        result = RewardMix([(batch_only, 1.0)], on_error="skip")(["a", "b"], ["c", "d"])
+    assert not result.valid.any() and result.total.tolist() == [0.0, 0.0]
     with pytest.raises(RewardError, match="'broken'.*model offline") as info:
         RewardMix([(broken, 1.0)], on_error="raise")(["a"], ["c"])
     assert isinstance(info.value.__cause__, RuntimeError)

@@ -105,6 +105,16 @@ def test_random_samples_are_correct(allow_negative):
     assert lengths == {1, 2, 3}
 
 
+def test_one_digit_operands_range_over_0_to_9():
+    task = ArithmeticTask(min_digits=1, max_digits=1, ops=("+",))
+    rng = random.Random(7)
+    operands = set()
+    for _ in range(300):
+        a, _, b = PROMPT.fullmatch(task.sample(rng)["prompt"]).groups()
+        operands |= {int(a), int(b)}
+    assert operands == set(range(10))
+
+
 def test_config_options():
     task = ArithmeticTask(min_digits=4, max_digits=4, ops=["-"])
     assert task.ops == ("-",)

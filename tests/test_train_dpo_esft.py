@@ -61,6 +61,27 @@ def test_dpo_raises_the_margin_and_matches_a_hand_computation(tmp_path):
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_dpo_label_smoothing_is_conservative_dpo(tmp_path):
+    data = write(tmp_path / "pairs.jsonl", pairs(6))
+    s, beta = 0.25, 0.5
+    trainer = DPOTrainer(DPOConfig(model="tiny", data=data, output_dir=str(tmp_path / "run"), beta=beta,
+                                   label_smoothing=s, batch_tokens=80, max_seq_len=16, progress=False))
+    with torch.no_grad():  # move the policy off the reference: margins of both signs
+        trainer.model.lm_head.weight.add_(0.3 * torch.randn(trainer.model.lm_head.weight.shape,
+                                                            generator=torch.Generator().manual_seed(0)))
+    batch_pairs = next(iter(trainer.loader))[0]
+    logps = [[sum(m.token_logprobs(*_packed(e))[0].double().tolist()) for m in (trainer.model, trainer.reference)]
+             for p in batch_pairs for e in (p.chosen, p.rejected)]
+    u = torch.tensor([beta * ((logps[2 * i][0] - logps[2 * i][1]) - (logps[2 * i + 1][0] - logps[2 * i + 1][1]))
+                      for i in range(len(batch_pairs))], dtype=torch.float64)
+    assert (u.abs() > 1e-3).all()
+    logsigmoid = torch.nn.functional.logsigmoid
+    expected = (-(1 - s) * logsigmoid(u) - s * logsigmoid(-u)).mean()
+    with torch.no_grad():
+        loss, _ = trainer.compute_loss(batch_pairs, trainer.loss_denominator([batch_pairs]))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
 def _packed(example):
     b = PackedBatch.from_examples([example])
     return b.input_ids, b.cu_seqlens, b.max_seqlen, b.labels
@@ -122,6 +143,22 @@ def test_esft_leaves_frozen_experts_bit_identical(tmp_path):
     with pytest.raises(ValueError, match="weight_decay"):
         ESFTTrainer(ESFTConfig(model="tiny", data=data, output_dir=str(tmp_path / "r2"), weight_decay=0.1,
                                batch_tokens=64, max_seq_len=16, progress=False))
+
+
+def test_esft_relevance_is_measured_on_the_first_relevance_tokens(tmp_path):
+    records = [{"prompt": f"{a}*{b}=", "response": str(a * b)} for a in range(6) for b in range(4)]
+    data = write(tmp_path / "d.jsonl", records)
+    examples = [encode_sft_record(r, TOK) for r in records]
+    budget = sum(len(e) for e in examples[:5]) + 1  # five examples fit, the sixth does not
+    trainer = ESFTTrainer(ESFTConfig(model="tiny", data=data, output_dir=str(tmp_path / "run"), threshold=0.3,
+                                     batch_tokens=64, max_seq_len=16, progress=False, relevance_tokens=budget))
+    # the routing of a token does not depend on the other sequences of its batch: count each alone
+    alone = lambda k: expert_token_shares(trainer.model, [PackedBatch.from_examples([e])  # noqa: E731
+                                                           for e in examples[:k]])
+    five, six = alone(5), alone(6)
+    assert any(not torch.equal(five[name], six[name]) for name in five)
+    for name, shares in trainer.shares.items():
+        torch.testing.assert_close(shares, five[name], rtol=1e-12, atol=0.0, msg=name)
 
 
 ESFT_FSDP_SCRIPT = textwrap.dedent("""

@@ -1,20 +1,27 @@
 """SFT trainer machinery: JSONL errors, loss masks, packing, SFT, resume, data parallelism, CLI."""
 
+import argparse
+import copy
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import cpu_subprocess_env, interrupt_during_step, requires_cuda
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
-from moe_align.train.data import (IGNORE_INDEX, DatasetError, PackedBatch, PackedLoader, encode_sft_record,
-                                  load_sft_dataset, pack_bins, read_jsonl)
+from moe_align.train import checkpoint as ckpt
+from moe_align.train.data import (IGNORE_INDEX, DatasetError, Example, PackedBatch, PackedLoader, check_lengths,
+                                  encode_sft_record, load_sft_dataset, pack_bins, read_jsonl)
 from moe_align.train.sft import SFTConfig, SFTTrainer
-from moe_align.train.tokenizer import CharTokenizer
+from moe_align.train.tokenizer import CharTokenizer, HFTokenizer
+from moe_align.train.trainer import add_config_arguments, config_from_args, lr_factor
 
 TOK = CharTokenizer()
 
@@ -68,6 +75,33 @@ def test_too_long_sequence_names_file_and_line(tmp_path):
         load_sft_dataset(path, TOK, 32)
 
 
+def test_required_fields_and_the_length_limit(tmp_path):
+    path = write_lines(tmp_path / "r.jsonl", ['{"prompt": "a", "answer": "1"}', '{"prompt": "b"}'])
+    with pytest.raises(DatasetError, match=r"r\.jsonl:2: missing field\(s\) \['answer'\]"):
+        read_jsonl(path, required=("prompt", "answer"))
+    example = encode_sft_record({"prompt": "ab", "response": "c", "_source": "x.jsonl:7"}, TOK)
+    assert len(example) == 5
+    check_lengths([example], 5)  # exactly max_seq_len tokens fit
+    with pytest.raises(DatasetError, match=r"x\.jsonl:7: the example has 5 tokens, more than max_seq_len=4"):
+        check_lengths([example], 4)
+
+
+def test_hf_tokenizer_special_ids_fall_back_to_eos():
+    class Fake:
+        def __init__(self, bos, eos, pad):
+            self.bos_token_id, self.eos_token_id, self.pad_token_id = bos, eos, pad
+
+        def __len__(self):
+            return 100
+
+    tok = HFTokenizer(Fake(5, 7, 9))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (5, 7, 9, 100)
+    tok = HFTokenizer(Fake(None, 7, None))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (7, 7, 7)
+    with pytest.raises(ValueError, match="no eos"):
+        HFTokenizer(Fake(5, None, 9))
+
+
 def test_loss_mask_is_on_the_response_and_eos_only():
     ex = encode_sft_record({"prompt": "12+3=", "response": "15"}, TOK)
     assert ex.input_ids == [TOK.bos_id] + TOK.encode("12+3=15") + [TOK.eos_id]
@@ -80,6 +114,8 @@ def test_loss_mask_is_on_the_response_and_eos_only():
     assert trained == "yo\n" and chat.labels[-1] == TOK.eos_id
     with pytest.raises(DatasetError, match="no assistant reply"):
         encode_sft_record({"messages": [{"role": "user", "content": "hi"}]}, TOK)
+    with pytest.raises(DatasetError, match=r"messages\[1\] must be"):
+        encode_sft_record({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}, TOK)
 
 
 def test_pack_bins_first_fit_decreasing():
@@ -107,6 +143,36 @@ def test_packed_loss_equals_each_sequence_alone():
         alone.append(model.token_logprobs(one.input_ids, one.cu_seqlens, one.max_seqlen, one.labels)[0])
     torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-6)
     assert batch.num_targets == sum(PackedBatch.from_examples([e]).num_targets for e in examples) == (1 + 1) + (2 + 1) + (5 + 1)
+
+
+def test_num_targets_leave_out_each_sequence_start():
+    """The first token of a sequence is predicted by nothing, even when its label is kept."""
+    a, b, c = Example([5, 6, 7], [5, 6, 7]), Example([8, 9], [IGNORE_INDEX, 9]), Example([4], [4])
+    assert (a.num_targets, b.num_targets, c.num_targets) == (2, 1, 0)
+    assert PackedBatch.from_examples([a, b, c]).num_targets == 3
+    assert PackedBatch.from_examples([c, a]).num_targets == 2
+    empty = Example([], [])  # an empty sequence starts where the next one does: that start counts once
+    assert PackedBatch.from_examples([empty, a, empty, empty, c, empty]).num_targets == 2
+
+
+def test_loader_drops_the_partial_step_reshuffles_epochs_and_strides_ranks():
+    items = [encode_sft_record(r, TOK) for r in addition_records(40)]
+    num_bins = len(pack_bins([len(e) for e in items], 32))  # the same count in any item order
+    assert num_bins % 3, num_bins  # a partial step to drop
+    loader = PackedLoader(items, 32, grad_accum=3, seed=5)
+    assert loader.steps_per_epoch() == num_bins // 3
+    steps = iter(loader)
+    epochs = [[next(steps) for _ in range(num_bins // 3)] for _ in range(2)]
+    assert all(len(step) == 3 for epoch in epochs for step in epoch)
+    flat = [[e.input_ids for step in epoch for b in step for e in b] for epoch in epochs]
+    assert flat[0] != flat[1]  # each epoch shuffles anew
+    # rank r of W takes the step's bins r, r + W, ...
+    one = iter(PackedLoader(items, 32, grad_accum=4, seed=5))
+    ranks = [iter(PackedLoader(items, 32, grad_accum=2, world_size=2, rank=r, seed=5)) for r in range(2)]
+    for _ in range(3):
+        whole = next(one)
+        for r, it in enumerate(ranks):
+            assert next(it) == whole[r::2]
 
 
 def test_loader_shards_the_same_global_batch_and_resumes():
@@ -161,6 +227,68 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     straight_loss = [r["loss"] for r in lines("a")]
     resumed_loss = {r["step"]: r["loss"] for r in lines("b")}  # steps 1-3, then 3-5 again
     assert [resumed_loss[s] for s in range(1, 6)] == straight_loss
+
+
+def test_lr_schedule_hand_values():
+    """Linear warmup over 2 steps, then decay over the remaining 8 to a floor of 0.1."""
+    for step, want in ((0, 0.5), (1, 1.0), (2, 1.0), (6, 0.55), (10, 0.1), (14, 0.1)):
+        assert lr_factor(step, 10, "cosine", 2, 0.1) == pytest.approx(want, abs=1e-12), step
+    for step, want in ((0, 0.5), (2, 1.0), (4, 0.775), (10, 0.1)):
+        assert lr_factor(step, 10, "linear", 2, 0.1) == pytest.approx(want, abs=1e-12), step
+    assert lr_factor(3, 10, "cosine", 0, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)), abs=1e-12)
+    assert [lr_factor(s, 10, "constant", 4, 0.5) for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
+
+
+def test_grad_accumulation_gives_the_gradient_of_the_mean_over_the_step(tmp_path):
+    data = write_records(tmp_path / "d.jsonl", addition_records(24))
+    trainer = SFTTrainer(tiny_config(tmp_path, data, grad_accum=2, batch_tokens=24))
+    micro_batches = next(iter(trainer.loader))
+    model = copy.deepcopy(trainer.model).train()
+    trainer.train_step(micro_batches)
+    # oracle: the mean of -log p over every response target of the step, each example alone
+    examples = [e for mb in micro_batches for e in mb]
+    nll, count = 0.0, 0
+    for e in examples:
+        ids, cu, max_len = model.pack([e.input_ids])
+        nll = nll - model.token_logprobs(ids, cu, max_len, torch.tensor(e.labels))[0].double().sum()
+        count += sum(label != IGNORE_INDEX for label in e.labels[1:])
+    (nll / count).backward()
+    grads = dict(model.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_grad_clip_clips_the_step_and_reports_the_norm_before(tmp_path):
+    data = write_records(tmp_path / "d.jsonl", addition_records(16))
+    norms = {}
+    for clip in (0.0, 1e-3):
+        trainer = SFTTrainer(tiny_config(tmp_path / str(clip), data, grad_clip=clip))
+        reported = trainer.train_step(next(iter(trainer.loader)))["grad_norm"]
+        actual = float(torch.stack([p.grad.double().norm() for p in trainer.trainable if p.grad is not None]).norm())
+        norms[clip] = reported, actual
+    unclipped, _ = norms[0.0]
+    assert norms[0.0][1] == pytest.approx(unclipped, rel=1e-5) and unclipped > 1e-2
+    assert norms[1e-3][0] == pytest.approx(unclipped, rel=1e-5)  # the norm before clipping
+    assert norms[1e-3][1] == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_latest_checkpoint_and_rng_round_trip(tmp_path):
+    for name, complete in (("checkpoint-9", True), ("checkpoint-10", True), ("checkpoint-12", False),
+                           ("checkpoint-11.tmp", True)):
+        os.makedirs(tmp_path / "runs" / name)
+        if complete:
+            (tmp_path / "runs" / name / ckpt.STATE_NAME).write_text("{}")
+    assert ckpt.latest_checkpoint(str(tmp_path / "runs")) == str(tmp_path / "runs" / "checkpoint-10")
+    assert ckpt.latest_checkpoint(str(tmp_path / "nowhere")) is None
+
+    # every random generator of the process is saved and restored
+    data = write_records(tmp_path / "d.jsonl", addition_records(8))
+    trainer = SFTTrainer(tiny_config(tmp_path, data, max_steps=1))
+    random.random(), np.random.rand(), torch.rand(2)  # move the generators off their seeds
+    trainer.save_checkpoint()
+    expected = random.random(), float(np.random.rand()), torch.rand(3).tolist()
+    SFTTrainer(tiny_config(tmp_path, data, max_steps=1, resume="auto"))
+    assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == expected
 
 
 def test_missing_checkpoint_and_failed_save_lose_nothing(tmp_path, monkeypatch):
@@ -225,6 +353,18 @@ def test_resolve_device_gives_cuda_this_processes_index(monkeypatch):
     assert resolve_device("cuda", 1) == torch.device("cuda", 1)
     assert resolve_device("auto", 1) == torch.device("cuda", 1)
     assert resolve_device("cuda:0", 1) == torch.device("cuda", 0)
+
+
+def test_flags_override_the_config_file(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, SFTConfig)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.5, "max_steps": 7, "progress": True}))
+    config = config_from_args(SFTConfig, parser.parse_args(["--config", str(path), "--lr", "0.25", "--no-progress"]))
+    assert (config.lr, config.max_steps, config.progress, config.batch_tokens) == (0.25, 7, False, 2048)
+    path.write_text(json.dumps({"learning_rate": 0.5}))
+    with pytest.raises(ValueError, match="unknown option"):
+        config_from_args(SFTConfig, parser.parse_args(["--config", str(path)]))
 
 
 def test_cli_help_and_a_short_run(tmp_path):

@@ -255,7 +255,7 @@ class PackedBatch:
         """Labels kept as next-token targets (the first token of each sequence has none)."""
         keep = self.labels != IGNORE_INDEX
         starts = self.cu_seqlens[:-1].long()
-        starts = starts[starts < self.labels.numel()]
+        starts = starts[starts < self.labels.numel()].unique()  # empty sequences share the next start
         return int(keep.sum()) - int(keep[starts].sum())
 
     def to(self, device: torch.device | str) -> PackedBatch:
