@@ -255,6 +255,20 @@ def test_dpo_loss_matches_oracle(label_smoothing):
     assert metrics["rewards/accuracies"] == (reward_c > reward_r).float().mean()
 
 
+def test_dpo_reference_is_frozen_and_ties_are_not_accurate():
+    """The reference log-probs get no gradient even when they carry one; a tie counts as wrong (TRL)."""
+    policy_c, policy_r = torch.tensor([-3.0, -5.0, -2.0]), torch.tensor([-4.0, -5.0, -1.0])
+    ref_c, ref_r = torch.tensor([-3.5, -5.0, -2.5]), torch.tensor([-4.5, -5.0, -1.0])
+    inputs = [x.clone().requires_grad_() for x in (policy_c, policy_r, ref_c, ref_r)]
+    loss, metrics = dpo_loss(*inputs, beta=0.5)
+    loss.backward()
+    assert inputs[0].grad is not None and inputs[1].grad is not None
+    assert inputs[2].grad is None and inputs[3].grad is None
+    # rewards: chosen 0.25, 0, 0.25; rejected 0.25, 0, 0 -> margins 0, 0, 0.25: one of three is right
+    assert metrics["rewards/accuracies"].item() == pytest.approx(1 / 3)
+    assert metrics["rewards/margins"].item() == pytest.approx(0.25 / 3)
+
+
 # ---- modules: gradients reach hidden states and lm_head as through the unfused computation -------
 
 
