@@ -120,6 +120,11 @@ def test_edge_layouts(use_backend, backend_name):
     grads = run_and_check(*make_inputs(12, 32, 16, 8, 2, dtype, seed=2, ids=ids, device=device), dtype)
     for grad in grads[1:3]:
         assert torch.count_nonzero(grad[[0, 2, 7]]) == 0
+    # Two experts used of 16: the layout ends in many unused blocks (expert -1) after the used ones.
+    ids = torch.tensor([[0], [1], [1]])
+    grads = run_and_check(*make_inputs(3, 32, 16, 16, 1, dtype, seed=3, ids=ids, device=device), dtype)
+    for grad in grads[1:3]:
+        assert torch.count_nonzero(grad[2:]) == 0
 
 
 def test_weight_gradients_in_huge_page_buffers(use_backend):

@@ -74,6 +74,15 @@ def test_matches_oracle_half(name, dtype):
     check_against_oracle(*make_case(name, 11, dtype, seed=3))
 
 
+def test_renormalised_tiny_scores_keep_their_proportions():
+    """Sigmoid scores near 1e-11: w / (sum(w) + 1e-20) still sums to the scaling factor."""
+    logits, top_k, kwargs, bias = make_case("v3", 5, torch.float32, seed=7)
+    logits = logits - 25.0
+    check_against_oracle(logits, top_k, kwargs, bias)
+    weights, _ = grouped_topk(logits, top_k, correction_bias=bias, **kwargs)
+    torch.testing.assert_close(weights.sum(dim=1), torch.full((5,), 2.5), rtol=1e-5, atol=0)
+
+
 def test_non_contiguous_logits_not_modified():
     logits, top_k, kwargs, bias = make_case("v3", 9, torch.float32, seed=5)
     strided = logits.t().contiguous().t()  # same values, column-major

@@ -419,6 +419,10 @@ def mla_decode_plan(
     batch of one 32k-token sequence thus fills the GPU, and a batch of many short ones takes one
     split each. Computed with device ops only (no host sync).
 
+    The plan stays correct when the caches grow after it was made (the last split of every
+    sequence runs to the sequence's current end), only less balanced: it may be made once outside
+    a captured CUDA graph and the graph replayed at later decode steps.
+
     Args:
         cache_seqlens: int32 ``[B]``, the cache lengths the decode step will see.
         num_heads, s_q: query heads and new tokens per sequence (they set the default
