@@ -548,6 +548,28 @@ def test_reward_errors(tmp_path, fn, on_error):
         assert metrics["reward/num_skipped"] == 0 and all(s["valid"] for s in bad)
 
 
+def test_zero_std_fraction_counts_valid_outputs_only(tmp_path):
+    """frac_reward_zero_std counts the groups whose advantages are all 0: those whose valid outputs
+    are fewer than two or tie. A skipped output's placeholder total of 0 adds no spread."""
+
+    def unscorable_shortest(prompts, completions, **kwargs):
+        return [math.nan if c == "a" else (0.0 if p == "y" else 1.0) for p, c in zip(prompts, completions)]
+
+    register_reward("test_unscorable_shortest", unscorable_shortest, override=True)
+    data = write_prompts(tmp_path / "p.jsonl", ["x", "y"])
+    engine = ScriptedEngine(CharTokenizer(), lambda prompt, j: "abcd"[: j + 1])
+    config = tiny_config(tmp_path, data=data, max_steps=1, reward_on_error="skip",
+                         rewards={"test_unscorable_shortest": 1.0})
+    trainer = GRPOTrainer(config, rollout_engine=engine)
+    with pytest.warns(RewardWarning):
+        trainer.train()
+    metrics = read_metrics(config.output_dir)[0]
+    # x: [skipped, 1, 1, 1] and y: [skipped, 0, 0, 0]: both groups tie among their valid outputs
+    assert metrics["reward/num_skipped"] == 2
+    assert metrics["frac_reward_zero_std"] == 1.0
+    assert all(s["advantage"] == 0.0 for s in trainer.last_samples)
+
+
 # ---- data parallelism and the command line ----------------------------------------------------------------
 
 

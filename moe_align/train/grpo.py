@@ -670,8 +670,13 @@ class GRPOTrainer(Trainer):
         sums["stopped"] = float(sum(r.finish_reason == FINISH_STOP for r in rollouts))
         sums["generated"] = float(sum(r.num_generated or len(r.completion_ids) for r in rollouts))
         sums["tokens"] = float(sum(len(e) for e in batch.examples))
-        grouped = scores.total.cpu().view(-1, G)
-        sums["zero_std_groups"] = float((grouped.std(dim=1) == 0).sum()) if G > 1 else float(grouped.shape[0])
+        # A group gives no signal when its valid outputs (those masked_group_advantages uses) are
+        # fewer than two or all scored alike; skipped outputs' placeholder totals do not count.
+        grouped, grouped_valid = scores.total.cpu().view(-1, G), valid.view(-1, G)
+        highest = grouped.masked_fill(~grouped_valid, -math.inf).amax(dim=1)
+        lowest = grouped.masked_fill(~grouped_valid, math.inf).amin(dim=1)
+        no_signal = (grouped_valid.sum(dim=1) < 2) | (highest == lowest)
+        sums["zero_std_groups"] = float(no_signal.sum())
         sums["groups"] = float(grouped.shape[0])
         sums["errors"] = float(len(scores.errors))
         sums["skipped"] = float((~valid).sum())
