@@ -367,6 +367,22 @@ def test_bad_duck_configs_raise():
         DeepseekMoE(_Duck(model_type="deepseek_v3", hidden_size=H, n_routed_experts=E, num_experts_per_tok=2))
 
 
+def test_duck_config_fields_and_defaults():
+    """from_config reads every field it knows from any object; a missing optional field takes the
+    default of transformers' DeepseekV3Config (scaling 1.0, no shared experts, no MLP bias)."""
+    base = dict(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=2)
+    bare = MoEConfig.from_config(_Duck(model_type="deepseek_v3", **base))
+    assert (bare.routed_scaling_factor, bare.n_shared_experts, bare.mlp_bias, bare.initializer_range) == \
+        (1.0, 0, False, 0.02)
+    assert bare.routing_groups == (1, 1) and not bare.norm_topk_prob
+    full = MoEConfig.from_config(_Duck(model_type="deepseek_v3", routed_scaling_factor=2.5, n_shared_experts=2,
+                                       mlp_bias=True, initializer_range=0.05, n_group=4, topk_group=2,
+                                       norm_topk_prob=True, **base))
+    assert (full.routed_scaling_factor, full.n_shared_experts, full.mlp_bias, full.initializer_range) == \
+        (2.5, 2, True, 0.05)
+    assert full.routing_groups == (4, 2) and full.norm_topk_prob
+
+
 def test_bad_input_raises():
     moe, _ = make_moe("v3")
     with pytest.raises(ValueError, match="hidden_size=32"):
@@ -397,6 +413,17 @@ def test_router_stays_fp32_under_autocast():
         logits, weights, ids = moe.gate(x)
     assert logits.dtype == torch.float32 and weights.dtype == torch.float32
     assert torch.equal(logits, want_logits) and torch.equal(ids, want_ids) and torch.equal(weights, want_w)
+
+
+def test_bf16_router_computes_in_fp32():
+    """A bf16 layer's router multiplies in fp32 (transformers casts both operands): bf16 logits
+    would be rounded to 8 bits of mantissa before the top-k."""
+    moe, _ = make_moe("v3")
+    moe = moe.to(torch.bfloat16)
+    x = torch.randn(6, H, generator=torch.Generator().manual_seed(16)).bfloat16()
+    logits, _, _ = moe.gate(x)
+    want = (x.double() @ moe.gate.weight.double().T).float()
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-6)
 
 
 def test_input_not_modified():
@@ -436,6 +463,8 @@ def test_token_counts_and_record_routing():
     torch.testing.assert_close(routing.scores, routing.router_logits.sigmoid())
     expert_balance_loss(routing.scores, routing.topk_ids).backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
+    moe.reset_parameters()  # a re-initialised layer starts counting afresh
+    assert int(moe.gate.tokens_per_expert.sum()) == 0
 
 
 def test_update_correction_bias():
