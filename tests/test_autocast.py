@@ -66,6 +66,14 @@ def test_linear_logprobs_casts_hidden_and_weight_like_a_linear():
         lambda h, w: linear_logprobs(h, w, targets, return_entropy=True), [hidden, weight], {0, 1})
 
 
+def test_autocast_does_not_cast_a_non_float_input_into_range():
+    """An integer tensor where a float one belongs is reported under autocast as outside it,
+    not cast to bf16 and computed on."""
+    weight, targets = torch.randn(10, 16), torch.zeros(3, dtype=torch.long)
+    with bf16_autocast(), pytest.raises(TypeError, match="hidden must be an fp32, bf16 or fp16 tensor"):
+        linear_logprobs(torch.ones(3, 16, dtype=torch.long), weight, targets)
+
+
 def test_linear_logprobs_fp32_head_under_autocast_computes_in_fp32():
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(2, 5, 48, generator=g).to(BF16)  # as an autocast model's hidden states
@@ -228,6 +236,37 @@ def test_loss_modules_under_autocast_use_the_head_in_the_autocast_dtype(loss_nam
     assert torch.equal(loss, ref_loss)
     assert w_auto.grad.dtype == torch.float32 and torch.equal(w_auto.grad, w_ref.grad)
     assert h_auto.grad.dtype == BF16 and torch.equal(h_auto.grad, h_ref.grad)
+
+
+@pytest.mark.parametrize("loss_name", ["grpo", "sft", "dpo"])
+def test_loss_modules_with_fp32_head_compute_the_head_in_fp32(loss_name):
+    """``fp32_head=True`` reaches linear_logprobs from every loss module: under bf16 autocast the
+    loss and gradients are those of the fp32 head on the same (bf16) hidden states."""
+    g, h, w, ids = loss_case(seed=14)
+    if loss_name == "grpo":
+        mask = (torch.rand(ids.shape, generator=g) > 0.3).int()
+        adv, ref = torch.randn(4, generator=g), torch.randn(ids.shape, generator=g) - 2
+        fn = lambda module, h, w: module(h, w, ids, mask, adv, ref_logp=ref)[0]  # noqa: E731
+        make = lambda **kw: FusedLinearGRPOLoss(beta=0.1, **kw)  # noqa: E731
+    elif loss_name == "sft":
+        targets = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.6, -100)
+        fn = lambda module, h, w: module(h, w, targets)[0]  # noqa: E731
+        make = FusedLinearSFTLoss
+    else:
+        ref_c, ref_r = torch.randn(2, generator=g) - 5, torch.randn(2, generator=g) - 5
+        fn = lambda module, h, w: module(h, w, ids, ref_c, ref_r)[0]  # noqa: E731
+        make = lambda **kw: FusedLinearDPOLoss(beta=0.2, **kw)  # noqa: E731
+    h_auto, w_auto = leaves(h, w)
+    h_ref, w_ref = leaves(h.float(), w)
+    with bf16_autocast():
+        loss = fn(make(fp32_head=True), h_auto, w_auto)
+    loss.backward()
+    want = fn(make(), h_ref, w_ref)
+    want.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, **FP32_TOL)
+    torch.testing.assert_close(w_auto.grad, w_ref.grad, **FP32_TOL)
+    torch.testing.assert_close(h_auto.grad, h_ref.grad.to(BF16))  # a bf16 gradient: bf16 tolerance
 
 
 def test_compiled_under_autocast_matches_eager():

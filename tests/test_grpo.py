@@ -284,25 +284,40 @@ def lm_inputs(batch, length, hidden_size=16, vocab=90, seed=14):
 @pytest.mark.parametrize("mode", ["sequence-mean", "dr-grpo"])
 def test_fused_grpo_module_matches_unfused(backend, backend_name, mode):
     backend(backend_name)
-    hidden, weight, ids = lm_inputs(4, 7)
-    _, old, ref, sampler, adv, mask = make_batch(4, 7, seed=15)
-    module = FusedLinearGRPOLoss(eps_low=0.2, eps_high=0.3, beta=0.05, loss_type=mode, temperature=0.9,
-                                 compute_entropy=True)
+    hidden, weight, ids = lm_inputs(6, 9)
+    *_, adv, mask = make_batch(6, 9, seed=15)
+    # old, reference and sampler log-probs around the policy's own, so that the ratios and the
+    # truncated importance weights straddle every bound
+    g = torch.Generator().manual_seed(23)
+    policy = logprobs_oracle(hidden.double().reshape(-1, 16), weight.double(), ids.reshape(-1),
+                             temperature=0.9)[0].view(6, 9).float()
+    old = policy + 0.3 * torch.randn(6, 9, generator=g)
+    ref = policy + 0.3 * torch.randn(6, 9, generator=g)
+    sampler = old + 0.5 * torch.randn(6, 9, generator=g)
+    ratio, tis = (policy - old).exp()[mask], (old - sampler).exp()[mask]
+    assert (ratio < 0.85).any() and ((ratio > 1.15) & (ratio < 1.3)).any() and (ratio > 1.3).any()
+    assert (tis > 1.5).any() and ((tis > 1) & (tis < 1.5)).any()
+    # every hyper-parameter away from its default, so that the module must pass each one on
+    max_len = 11 if mode == "dr-grpo" else None
+    module = FusedLinearGRPOLoss(eps_low=0.15, eps_high=0.3, beta=0.05, loss_type=mode, temperature=0.9,
+                                 compute_entropy=True, tis_cap=1.5, max_len=max_len, chunk_size=5)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, metrics = module(h, w, ids, mask, adv, old, ref, sampler_logp=sampler)
+    padded_ids = ids.masked_fill(~mask, -1)  # padding outside the completion is never read
+    loss, metrics = module(h, w, padded_ids, mask, adv, old, ref, sampler_logp=sampler)
     loss.backward()
     # Unfused, in float64: logits -> log_softmax -> gather -> eq. 32-33 -> aggregation.
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp64, ent64 = logprobs_oracle(h64.reshape(-1, 16), w64, ids.reshape(-1), temperature=0.9)
-    logp64 = logp64.view(4, 7)
-    want = oracle_loss(logp64, old.double(), ref.double(), adv.double(), mask, mode, eps_high=0.3, beta=0.05,
-                       sampler=sampler.double(), tis_cap=2.0)
+    logp64 = logp64.view(6, 9)
+    want = oracle_loss(logp64, old.double(), ref.double(), adv.double(), mask, mode, eps_low=0.15, eps_high=0.3,
+                       beta=0.05, sampler=sampler.double(), tis_cap=1.5,
+                       **({"max_len": max_len} if max_len else {}))
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **TOL)
     torch.testing.assert_close(h.grad.double(), h64.grad, **GRAD_TOL)
     torch.testing.assert_close(w.grad.double(), w64.grad, **GRAD_TOL)
     assert torch.all(h.grad[~mask] == 0)  # tokens outside the completion cost nothing
-    torch.testing.assert_close(metrics["entropy"].double(), ent64.view(4, 7)[mask].mean(), **TOL)
+    torch.testing.assert_close(metrics["entropy"].double(), ent64.view(6, 9)[mask].mean(), **TOL)
 
 
 def test_fused_sft_module_matches_unfused(backend):
@@ -322,20 +337,33 @@ def test_fused_sft_module_matches_unfused(backend):
     torch.testing.assert_close(w.grad.double(), w64.grad, **GRAD_TOL)
     assert metrics["num_tokens"] == 12
 
+    # Options away from their defaults: another ignore_index, a temperature, a chunk, the denominator.
+    ids[:, :2] = -1
+    module = FusedLinearSFTLoss(ignore_index=-1, temperature=0.8, chunk_size=4)
+    mean_nll = sft_oracle(hidden.double().reshape(-1, 16), weight.double(), ids.reshape(-1), ignore_index=-1,
+                          temperature=0.8)
+    loss, metrics = module(hidden, weight, ids, num_tokens=20)
+    torch.testing.assert_close(loss.double(), mean_nll * 12 / 20, **TOL)
+    assert metrics["num_tokens"] == 12
+    loss, _ = FusedLinearSFTLoss(ignore_index=-1, temperature=0.8, reduction="sum")(hidden, weight, ids)
+    torch.testing.assert_close(loss.double(), mean_nll * 12, **TOL)
+
 
 def test_fused_dpo_module_matches_unfused(backend):
     backend("torch")
     hidden, weight, ids = lm_inputs(4, 5, seed=17)  # 2 chosen, then 2 rejected
-    ids[:, :2] = -100
+    ids[:, :2] = -1
     ref_hidden = hidden + 0.1 * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(18))
-    module = FusedLinearDPOLoss(beta=0.3)
+    module = FusedLinearDPOLoss(beta=0.3, label_smoothing=0.1, temperature=1.2, chunk_size=3, ignore_index=-1)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = module(h, w, ids, ref_hidden=ref_hidden, ref_weight=weight)
     loss.backward()
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    seq = logprobs_oracle(h64.reshape(-1, 16), w64, ids.reshape(-1))[0].view(4, 5).sum(-1)
-    ref = logprobs_oracle(ref_hidden.reshape(-1, 16).double(), weight.double(), ids.reshape(-1))[0].view(4, 5).sum(-1)
-    want = dpo_oracle(seq[:2], seq[2:], ref[:2], ref[2:], 0.3)
+    seq = logprobs_oracle(h64.reshape(-1, 16), w64, ids.reshape(-1), temperature=1.2,
+                          ignore_index=-1)[0].view(4, 5).sum(-1)
+    ref = logprobs_oracle(ref_hidden.reshape(-1, 16).double(), weight.double(), ids.reshape(-1),
+                          temperature=1.2, ignore_index=-1)[0].view(4, 5).sum(-1)
+    want = dpo_oracle(seq[:2], seq[2:], ref[:2], ref[2:], 0.3, label_smoothing=0.1)
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **TOL)
     torch.testing.assert_close(h.grad.double(), h64.grad, **GRAD_TOL)
@@ -410,6 +438,11 @@ def _grpo(**overrides):
                                        torch.ones(3, 2), torch.zeros(2)), ValueError, "completion_mask must have shape"),
         (lambda: FusedLinearDPOLoss()(torch.zeros(3, 2, 4), torch.zeros(5, 4), torch.zeros(3, 2, dtype=torch.long)),
          ValueError, "2B sequences"),
+        (lambda: FusedLinearDPOLoss()(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long)),
+         ValueError, "give ref_chosen_logps and ref_rejected_logps, or ref_hidden and ref_weight"),
+        (lambda: FusedLinearDPOLoss()(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, 3, dtype=torch.long),
+                                      ref_hidden=torch.zeros(2, 2, 4), ref_weight=torch.zeros(5, 4)),
+         ValueError, r"ref_hidden must have shape \(2, 3, 4\)"),
     ],
 )
 def test_bad_input(call, error, match):
