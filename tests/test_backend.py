@@ -22,6 +22,9 @@ from moe_align.ops import (fused_experts, grouped_topk, linear_logprobs, mla_cac
 from moe_align.ops._backend import backend_for, triton_available
 
 CPU = torch.device("cpu")
+# The Triton launchers run on CUDA tensors on a GPU machine, and on CPU tensors under the
+# interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the module, not the function of the same name that moe_align.ops exports
 align_module = importlib.import_module("moe_align.ops.moe_align_block_size")
 
@@ -68,42 +71,42 @@ def _count_calls(monkeypatch, module, names):
     return calls
 
 
+def _leaves(*tensors):
+    return [t.to(DEVICE).requires_grad_() for t in tensors]
+
+
 def _logprobs():
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(5, 16, generator=g, requires_grad=True)
-    weight = torch.randn(40, 16, generator=g, requires_grad=True)
-    linear_logprobs(hidden, weight, torch.randint(0, 40, (5,), generator=g)).sum().backward()
+    hidden, weight = _leaves(torch.randn(5, 16, generator=g), torch.randn(40, 16, generator=g))
+    linear_logprobs(hidden, weight, torch.randint(0, 40, (5,), generator=g).to(DEVICE)).sum().backward()
 
 
 def _experts():
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(4, 16, generator=g, requires_grad=True)
-    gate_up = (torch.randn(3, 32, 16, generator=g) * 0.2).requires_grad_()
-    down = (torch.randn(3, 16, 16, generator=g) * 0.2).requires_grad_()
+    x, gate_up, down = _leaves(torch.randn(4, 16, generator=g), torch.randn(3, 32, 16, generator=g) * 0.2,
+                               torch.randn(3, 16, 16, generator=g) * 0.2)
     weights, ids = torch.rand(4, 2, generator=g), torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
-    fused_experts(x, gate_up, down, weights, ids).sum().backward()
+    fused_experts(x, gate_up, down, weights.to(DEVICE), ids.to(DEVICE)).sum().backward()
 
 
 def _attention():
     g = torch.Generator().manual_seed(2)
     total, heads = 6, 2
-    q_nope, k_nope = (torch.randn(total, heads, 16, generator=g, requires_grad=True) for _ in range(2))
-    q_rope = torch.randn(total, heads, 16, generator=g, requires_grad=True)
-    k_rope = torch.randn(total, 1, 16, generator=g, requires_grad=True)
-    v = torch.randn(total, heads, 16, generator=g, requires_grad=True)
-    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32)
+    q_nope, k_nope, q_rope, k_rope, v = _leaves(*(torch.randn(total, h, 16, generator=g)
+                                                  for h in (heads, heads, heads, 1, heads)))
+    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=DEVICE)
     out, _ = mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens, 4, 1 / math.sqrt(32))
     out.sum().backward()
 
 
 def _decode():
     g = torch.Generator().manual_seed(3)
-    cache = torch.zeros(2, 16, 48)
-    block_table = torch.tensor([[1], [0]], dtype=torch.int32)
-    mla_cache_append(cache, torch.randn(5, 32, generator=g), torch.randn(5, 16, generator=g),
-                     torch.tensor([16, 17, 18, 0, 1]))
-    mla_decode(torch.randn(2, 1, 2, 32, generator=g), torch.randn(2, 1, 2, 16, generator=g), cache, block_table,
-               torch.tensor([3, 2], dtype=torch.int32), 0.2)
+    cache = torch.zeros(2, 16, 48, device=DEVICE)
+    block_table = torch.tensor([[1], [0]], dtype=torch.int32, device=DEVICE)
+    latent, k_rope, q_latent, q_rope = (torch.randn(shape, generator=g).to(DEVICE)
+                                        for shape in ((5, 32), (5, 16), (2, 1, 2, 32), (2, 1, 2, 16)))
+    mla_cache_append(cache, latent, k_rope, torch.tensor([16, 17, 18, 0, 1], device=DEVICE))
+    mla_decode(q_latent, q_rope, cache, block_table, torch.tensor([3, 2], dtype=torch.int32, device=DEVICE), 0.2)
 
 
 TRITON_OPS = {
