@@ -26,6 +26,20 @@ def cpu_subprocess_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
+# Appended to the scripts that the 2-process tests run under torchrun. Each rank leaves the process
+# group, then exits without interpreter finalization: there gloo's worker threads can still hold
+# tensors whose release needs the GIL, and about one finished 2-process CPU run in eight aborted
+# (SIGABRT, "terminate called without an active exception"; see pytorch/pytorch#179291).
+TORCHRUN_EPILOGUE = """
+import os as _os, sys as _sys, torch.distributed as _dist
+_sys.stdout.flush(); _sys.stderr.flush()
+if _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+_os._exit(0)
+"""
+
+
 @pytest.fixture(autouse=True)
 def trainers_on_cpu(request, monkeypatch):
     """On a GPU machine a trainer's ``device="auto"`` would pick cuda:0 and bf16 autocast; the

@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cpu_subprocess_env, requires_cuda
+from conftest import TORCHRUN_EPILOGUE, cpu_subprocess_env, requires_cuda
 
 from moe_align.modules.moe import DeepseekMoE
 from moe_align.train.data import Example
@@ -615,7 +615,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
 def test_two_processes_match_one_process(tmp_path):
     script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + TORCHRUN_EPILOGUE)
     env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cpu_subprocess_env
+from conftest import TORCHRUN_EPILOGUE, cpu_subprocess_env
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train.data import PackedBatch, encode_sft_record
@@ -189,7 +189,7 @@ def test_esft_under_fsdp_trains_the_same_experts_as_one_process(tmp_path):
     records = [{"prompt": f"{a}*{b}=", "response": str(a * b)} for a in range(6) for b in range(4)]
     data = write(tmp_path / "d.jsonl", records)
     script = tmp_path / "esft_fsdp.py"
-    script.write_text(ESFT_FSDP_SCRIPT)
+    script.write_text(ESFT_FSDP_SCRIPT + TORCHRUN_EPILOGUE)
     env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "0", "2"], check=True, env=env,
                    timeout=300)

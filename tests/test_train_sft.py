@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import cpu_subprocess_env, interrupt_during_step, requires_cuda
+from conftest import TORCHRUN_EPILOGUE, cpu_subprocess_env, interrupt_during_step, requires_cuda
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM
 from moe_align.train import checkpoint as ckpt
@@ -327,7 +327,7 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_two_processes_match_one_process(tmp_path):
     data = write_records(tmp_path / "d.jsonl", addition_records(30))
     script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT)
+    script.write_text(DDP_SCRIPT + TORCHRUN_EPILOGUE)
     env = cpu_subprocess_env()
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "2"], check=True, env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -401,7 +401,7 @@ def test_fsdp_two_processes_train_and_resume_like_one_process(tmp_path):
     gathered optimizer state), a resumed third step — the same weights as one process."""
     data = write_records(tmp_path / "d.jsonl", addition_records(30))
     script = tmp_path / "fsdp_run.py"
-    script.write_text(FSDP_SCRIPT)
+    script.write_text(FSDP_SCRIPT + TORCHRUN_EPILOGUE)
     env = cpu_subprocess_env()
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), data]
     subprocess.run([sys.executable, str(script), data, str(tmp_path / "one"), "2", "0", "3"], check=True, env=env,
