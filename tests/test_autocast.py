@@ -208,24 +208,38 @@ def loss_case(seed=11, batch=4, seq=6, hidden=32, vocab=45):
     return g, h, w, ids
 
 
+def loss_module_case(loss_name, seed):
+    """``(h, w, make)``: bf16 hidden states, the fp32 lm_head weight, and ``make(**options)`` ->
+    ``loss(h, w)`` of that loss module (built with ``options``) on fixed targets and inputs."""
+    g, h, w, ids = loss_case(seed)
+    if loss_name == "grpo":
+        mask = (torch.rand(ids.shape, generator=g) > 0.3).int()
+        adv, ref = torch.randn(4, generator=g), torch.randn(ids.shape, generator=g) - 2
+
+        def make(**options):
+            module = FusedLinearGRPOLoss(beta=0.1, compute_entropy=True, **options)
+            return lambda h, w: module(h, w, ids, mask, adv, ref_logp=ref)[0]
+    elif loss_name == "sft":
+        targets = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.6, -100)
+
+        def make(**options):
+            module = FusedLinearSFTLoss(**options)
+            return lambda h, w: module(h, w, targets)[0]
+    else:
+        ref_c, ref_r = torch.randn(2, generator=g) - 5, torch.randn(2, generator=g) - 5
+
+        def make(**options):
+            module = FusedLinearDPOLoss(beta=0.2, **options)
+            return lambda h, w: module(h, w, ids, ref_c, ref_r)[0]
+    return h, w, make
+
+
 @pytest.mark.parametrize("loss_name", ["grpo", "sft", "dpo"])
 def test_loss_modules_under_autocast_use_the_head_in_the_autocast_dtype(loss_name):
     """The loss modules take bf16 hidden states and the fp32 ``lm_head.weight`` under autocast
     (they raised a dtype error before), and match the head run on the bf16-cast weight."""
-    g, h, w, ids = loss_case()
-    if loss_name == "grpo":
-        mask = (torch.rand(ids.shape, generator=g) > 0.3).int()
-        adv, ref = torch.randn(4, generator=g), torch.randn(ids.shape, generator=g) - 2
-        module = FusedLinearGRPOLoss(beta=0.1, compute_entropy=True)
-        fn = lambda h, w: module(h, w, ids, mask, adv, ref_logp=ref)[0]  # noqa: E731
-    elif loss_name == "sft":
-        targets = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.6, -100)
-        module = FusedLinearSFTLoss()
-        fn = lambda h, w: module(h, w, targets)[0]  # noqa: E731
-    else:
-        module = FusedLinearDPOLoss(beta=0.2)
-        ref_c, ref_r = torch.randn(2, generator=g) - 5, torch.randn(2, generator=g) - 5
-        fn = lambda h, w: module(h, w, ids, ref_c, ref_r)[0]  # noqa: E731
+    h, w, make = loss_module_case(loss_name, seed=11)
+    fn = make()
     w_auto, w_ref = leaves(w, w)
     h_auto, h_ref = leaves(h, h)
     with bf16_autocast():
@@ -242,26 +256,13 @@ def test_loss_modules_under_autocast_use_the_head_in_the_autocast_dtype(loss_nam
 def test_loss_modules_with_fp32_head_compute_the_head_in_fp32(loss_name):
     """``fp32_head=True`` reaches linear_logprobs from every loss module: under bf16 autocast the
     loss and gradients are those of the fp32 head on the same (bf16) hidden states."""
-    g, h, w, ids = loss_case(seed=14)
-    if loss_name == "grpo":
-        mask = (torch.rand(ids.shape, generator=g) > 0.3).int()
-        adv, ref = torch.randn(4, generator=g), torch.randn(ids.shape, generator=g) - 2
-        fn = lambda module, h, w: module(h, w, ids, mask, adv, ref_logp=ref)[0]  # noqa: E731
-        make = lambda **kw: FusedLinearGRPOLoss(beta=0.1, **kw)  # noqa: E731
-    elif loss_name == "sft":
-        targets = ids.masked_fill(torch.rand(ids.shape, generator=g) > 0.6, -100)
-        fn = lambda module, h, w: module(h, w, targets)[0]  # noqa: E731
-        make = FusedLinearSFTLoss
-    else:
-        ref_c, ref_r = torch.randn(2, generator=g) - 5, torch.randn(2, generator=g) - 5
-        fn = lambda module, h, w: module(h, w, ids, ref_c, ref_r)[0]  # noqa: E731
-        make = lambda **kw: FusedLinearDPOLoss(beta=0.2, **kw)  # noqa: E731
+    h, w, make = loss_module_case(loss_name, seed=14)
     h_auto, w_auto = leaves(h, w)
     h_ref, w_ref = leaves(h.float(), w)
     with bf16_autocast():
-        loss = fn(make(fp32_head=True), h_auto, w_auto)
+        loss = make(fp32_head=True)(h_auto, w_auto)
     loss.backward()
-    want = fn(make(), h_ref, w_ref)
+    want = make()(h_ref, w_ref)
     want.backward()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, want, **FP32_TOL)

@@ -286,11 +286,14 @@ def test_fused_grpo_module_matches_unfused(backend, backend_name, mode):
     backend(backend_name)
     hidden, weight, ids = lm_inputs(6, 9)
     *_, adv, mask = make_batch(6, 9, seed=15)
+    # Unfused, in float64: logits -> log_softmax -> gather (-> eq. 32-33 -> aggregation below).
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    logp64, ent64 = logprobs_oracle(h64.reshape(-1, 16), w64, ids.reshape(-1), temperature=0.9)
+    logp64 = logp64.view(6, 9)
     # old, reference and sampler log-probs around the policy's own, so that the ratios and the
     # truncated importance weights straddle every bound
     g = torch.Generator().manual_seed(23)
-    policy = logprobs_oracle(hidden.double().reshape(-1, 16), weight.double(), ids.reshape(-1),
-                             temperature=0.9)[0].view(6, 9).float()
+    policy = logp64.detach().float()
     old = policy + 0.3 * torch.randn(6, 9, generator=g)
     ref = policy + 0.3 * torch.randn(6, 9, generator=g)
     sampler = old + 0.5 * torch.randn(6, 9, generator=g)
@@ -305,13 +308,8 @@ def test_fused_grpo_module_matches_unfused(backend, backend_name, mode):
     padded_ids = ids.masked_fill(~mask, -1)  # padding outside the completion is never read
     loss, metrics = module(h, w, padded_ids, mask, adv, old, ref, sampler_logp=sampler)
     loss.backward()
-    # Unfused, in float64: logits -> log_softmax -> gather -> eq. 32-33 -> aggregation.
-    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    logp64, ent64 = logprobs_oracle(h64.reshape(-1, 16), w64, ids.reshape(-1), temperature=0.9)
-    logp64 = logp64.view(6, 9)
     want = oracle_loss(logp64, old.double(), ref.double(), adv.double(), mask, mode, eps_low=0.15, eps_high=0.3,
-                       beta=0.05, sampler=sampler.double(), tis_cap=1.5,
-                       **({"max_len": max_len} if max_len else {}))
+                       beta=0.05, sampler=sampler.double(), tis_cap=1.5, max_len=max_len)
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **TOL)
     torch.testing.assert_close(h.grad.double(), h64.grad, **GRAD_TOL)
