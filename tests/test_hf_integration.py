@@ -5,12 +5,16 @@ losses and every parameter's gradient must agree to fp32 tolerance.
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
 from torch import nn
 
 transformers = pytest.importorskip("transformers")  # a test dependency: present in CI, so this runs
+# the KV cache's argument and output name: ``cache`` from transformers 5.24, ``past_key_values`` before
+CACHE = "cache" if "cache" in inspect.signature(transformers.DeepseekV3ForCausalLM.forward).parameters \
+    else "past_key_values"
 
 from moe_align.modules import mla as mla_module  # noqa: E402
 from moe_align.integrations import HFMLAttention, patch_model  # noqa: E402
@@ -292,15 +296,35 @@ def test_prefill_fills_the_cache_for_decoding(kind, count_calls):
         ref_out, out = reference(ids, use_cache=True), model(ids, use_cache=True)
         assert count_calls()["mla_varlen_attention"] == 2
         torch.testing.assert_close(out.logits, ref_out.logits, **TOL)
-        ref_cache, cache = ref_out.past_key_values, out.past_key_values
+        ref_cache, cache = getattr(ref_out, CACHE), getattr(out, CACHE)
         for layer in range(2):
             torch.testing.assert_close(cache.layers[layer].keys, ref_cache.layers[layer].keys, **TOL)
             torch.testing.assert_close(cache.layers[layer].values, ref_cache.layers[layer].values, **TOL)
         step = ids[:, -1:].flip(0)
-        ref_next = reference(step, past_key_values=ref_cache, use_cache=True)
-        nxt = model(step, past_key_values=cache, use_cache=True)
+        ref_next = reference(step, **{CACHE: ref_cache}, use_cache=True)
+        nxt = model(step, **{CACHE: cache}, use_cache=True)
         assert count_calls()["mla_varlen_attention"] == 2  # decoding fell back to transformers
         torch.testing.assert_close(nxt.logits, ref_next.logits, **TOL)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_fused_loss_takes_the_cache_under_either_name(name, count_calls):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; the patched forward takes
+    both, with labels (our loss) too, and fills the cache it is given on our prefill path."""
+    reference, model = reference_and_patched("v3", seed=4)
+    ids, labels = random_batch(batch=2, seq_len=6, seed=5)
+    with torch.no_grad():
+        ref_cache, cache = transformers.DynamicCache(config=reference.config), transformers.DynamicCache(
+            config=model.config)
+        ref = reference(ids, labels=labels, use_cache=True, **{CACHE: ref_cache})
+        out = model(ids, labels=labels, use_cache=True, **{name: cache})
+    assert count_calls()["mla_varlen_attention"] == 2 and out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    assert getattr(out, CACHE) is cache
+    for layer in range(2):
+        torch.testing.assert_close(cache.layers[layer].keys, ref_cache.layers[layer].keys, **TOL)
+    with pytest.raises(ValueError, match="cache or as past_key_values, not both"):
+        model(ids, labels=labels, cache=cache, past_key_values=cache)
 
 
 def test_base_model_is_patched_without_loss():
@@ -321,7 +345,7 @@ def attention_pair(kind="v3", implementation="sdpa"):
 
 def call(attn, hidden, mask, rotary, position_ids):
     return attn(hidden_states=hidden, attention_mask=mask, position_ids=position_ids,
-                position_embeddings=rotary(hidden, position_ids), past_key_values=None)[0]
+                position_embeddings=rotary(hidden, position_ids), **{CACHE: None})[0]
 
 
 def test_block_diagonal_mask_packs_sequences(count_calls):

@@ -72,6 +72,19 @@ __all__ = ["HFMLAttention", "causal_lm_loss", "patch_model"]
 _PATCHED = "_moe_align_patched"  # model attribute: the set of parts patched so far
 _PLANNER = "_moe_align_planner"
 _FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# transformers 5.24 renamed the KV cache argument and output field ``past_key_values`` to ``cache``
+# (the old name is deprecated until 5.40); both are read, and the one the model declares is passed.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache passed to a transformers forward under either of its names (or None)."""
+    return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def _cache_name(forward) -> str:
+    """The name under which ``forward`` (a transformers forward) takes the KV cache."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 class _DeepseekClasses(NamedTuple):
@@ -291,7 +304,8 @@ class HFMLAttention(MLAttention):
 
     Forward (as transformers' decoder layers call it, with keywords): ``hidden_states
     [B, S, hidden]``, ``attention_mask`` (None, ``[B, S]`` or ``[B, 1, S, S_kv]``),
-    ``position_ids [1 or B, S]``, ``past_key_values`` (a transformers ``Cache`` or None),
+    ``position_ids [1 or B, S]``, ``cache`` (``past_key_values`` before transformers 5.24: a
+    transformers ``Cache`` or None),
     ``position_embeddings`` (unused on our path: RoPE is recomputed from ``position_ids`` with the
     same frequencies), other kwargs -> ``(attn_output [B, S, hidden], None)``.
     """
@@ -345,7 +359,7 @@ class HFMLAttention(MLAttention):
             return None
         if any(kwargs.get(name) is not None for name in _FLASH_VARLEN_KWARGS):
             return None
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if cache is not None and cache.get_seq_length(self.layer_idx) != 0:
             return None
         batch, seq_len, _ = hidden_states.shape
@@ -365,7 +379,7 @@ class HFMLAttention(MLAttention):
         if plan is None:
             return self._hf_forward(hidden_states, *args, attention_mask=attention_mask, **kwargs)
         batch, seq_len, hidden = hidden_states.shape
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         x, positions, rows = hidden_states.reshape(batch * seq_len, hidden), plan.positions, plan.rows
         if cache is None and rows is not None:  # padding needs no projections
             x, positions = x[rows], positions[rows]
@@ -442,13 +456,19 @@ def _fused_loss_forward(
     labels=None,
     use_cache=None,
     logits_to_keep=0,
+    cache=None,
     **kwargs,
 ):
     """``ForCausalLM.forward`` with the loss from :func:`causal_lm_loss` (``logits=None``)
     whenever labels are given and the fused loss computes what transformers would; otherwise
-    ``hf_forward`` (an instance-level forward found at patching time) or the class's forward."""
+    ``hf_forward`` (an instance-level forward found at patching time) or the class's forward.
+    The KV cache may come as ``cache`` or ``past_key_values``; it is passed on under the name the
+    installed transformers declares."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as cache or as past_key_values, not both")
+    cache = cache if cache is not None else past_key_values
     args = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                inputs_embeds=inputs_embeds, use_cache=use_cache)
     classes = _deepseek_classes()
     head = self.lm_head
     fused = (
@@ -459,10 +479,12 @@ def _fused_loss_forward(
     )
     if not fused:
         forward = hf_forward if hf_forward is not None else type(self).forward.__get__(self)
+        args[_cache_name(forward)] = cache
         return forward(**args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
+    args[_cache_name(self.model.forward)] = cache
     outputs = self.model(**args, **kwargs)
     loss = causal_lm_loss(
         outputs.last_hidden_state, head.weight, labels,
@@ -472,13 +494,14 @@ def _fused_loss_forward(
     )
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+    cache_field = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     result = MoeCausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
         router_logits=getattr(outputs, "router_logits", None),
+        **{cache_field: getattr(outputs, cache_field)},
     )
     return result if return_dict else result.to_tuple()
 
