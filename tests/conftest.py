@@ -30,6 +30,8 @@ def cpu_subprocess_env() -> dict[str, str]:
 # group, then exits without interpreter finalization: there gloo's worker threads can still hold
 # tensors whose release needs the GIL, and about one finished 2-process CPU run in eight aborted
 # (SIGABRT, "terminate called without an active exception"; see pytorch/pytorch#179291).
+# Trainer.close, which the command line calls, is the package's fix (tested on its own in
+# test_train_sft); these scripts stop mid-run or keep several trainers, so they exit this way.
 TORCHRUN_EPILOGUE = """
 import os as _os, sys as _sys, torch.distributed as _dist
 _sys.stdout.flush(); _sys.stderr.flush()

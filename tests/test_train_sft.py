@@ -381,6 +381,51 @@ def test_cli_help_and_a_short_run(tmp_path):
     assert out.returncode == 2 and "unknown command" in out.stderr
 
 
+def test_cli_under_torchrun_trains_data_parallel_and_exits_cleanly(tmp_path):
+    """``torchrun ... -m moe_align sft``, the documented command with nothing appended: both
+    ranks train (the global token count exceeds one rank's micro-batch) and the run exits 0
+    through the interpreter's own teardown, after Trainer.close has left the process group."""
+    data = write_records(tmp_path / "d.jsonl", addition_records(30))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "moe_align", "sft", "--model", "tiny", "--data", data, "--max-steps", "2",
+                          "--batch-tokens", "64", "--max-seq-len", "32", "--output-dir", str(tmp_path / "cli"),
+                          "--no-progress"], capture_output=True, text=True, env=cpu_subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "cli" / "checkpoint-2" / "model.safetensors")
+    records = [json.loads(line) for line in open(tmp_path / "cli" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["num_tokens"] > 64 for r in records)  # summed over the two ranks' micro-batches
+
+
+CLOSE_SCRIPT = textwrap.dedent("""
+    import sys, torch.distributed as dist
+    from moe_align.train.sft import SFTConfig, SFTTrainer
+    data, out, callers_group = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    if callers_group:
+        dist.init_process_group("gloo")
+    trainer = SFTTrainer(SFTConfig(model="tiny", data=data, output_dir=out, batch_tokens=48, max_seq_len=32,
+                                   max_steps=1, progress=False))
+    assert trainer.dist.world_size == 2 and trainer.dist.owns_group == (not callers_group)
+    trainer.train()
+    trainer.close()
+    assert dist.is_initialized() == callers_group  # a group the caller made stays the caller's
+    if not callers_group:
+        trainer.close()  # a second call does nothing
+""")
+
+
+@pytest.mark.parametrize("callers_group", [False, True])
+def test_close_leaves_only_the_group_the_trainer_created(tmp_path, callers_group):
+    data = write_records(tmp_path / "d.jsonl", addition_records(30))
+    script = tmp_path / "close.py"
+    # the caller's group is the caller's to destroy: the epilogue does it
+    script.write_text(CLOSE_SCRIPT + (TORCHRUN_EPILOGUE if callers_group else ""))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), data, str(tmp_path / "run"), str(int(callers_group))],
+                         capture_output=True, text=True, env=cpu_subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 FSDP_SCRIPT = textwrap.dedent("""
     import sys, torch
     from moe_align.train.sft import SFTConfig, SFTTrainer

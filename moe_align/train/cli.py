@@ -57,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.dist.is_main:
         print(f"{command}: {trainer.step} steps; last " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         print(f"checkpoint: {trainer.checkpoint_dir()}  metrics: {trainer.output_dir}/metrics.jsonl")
+    trainer.close()  # after a failure torchrun stops the other ranks: no barrier to wait at then
     return 0
 
 
