@@ -393,6 +393,8 @@ def cases(bench: Bench, args, device) -> list[tuple[str, Callable[[], list[dict]
         if section == "decode":
             heads_list, batches, lengths, s_qs = ((16,), (1, 4), (256,), (1, 2)) if args.quick else \
                 ((16, 128), (1, 32, 128), (1024, 4096, 16384), (1, 2))
+            heads_list, batches = args.heads or heads_list, args.batch or batches
+            lengths, s_qs = args.cache_len or lengths, args.s_q or s_qs
             for heads in heads_list:
                 for batch in batches:
                     for length in lengths:
@@ -419,6 +421,10 @@ def parse_args(argv=None):
     p = common.argument_parser(__doc__, "a tiny smoke run (seconds)")
     p.add_argument("--sections", nargs="+", choices=["decode", "prefill", "module-decode", "module-train"],
                    help="default: decode prefill on CUDA, module-decode module-train on the CPU")
+    p.add_argument("--heads", type=int, nargs="+", help="decode: query heads (default 16 128)")
+    p.add_argument("--batch", type=int, nargs="+", help="decode: batch sizes (default 1 32 128)")
+    p.add_argument("--cache-len", type=int, nargs="+", help="decode: cache lengths (default 1024 4096 16384)")
+    p.add_argument("--s-q", type=int, nargs="+", help="decode: new tokens per sequence (default 1 2)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's; 1 gives steadier "
                    "numbers on a shared machine, where small multi-threaded ops wait for busy cores)")
     common.add_output_arguments(p)

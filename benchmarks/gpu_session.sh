@@ -11,12 +11,16 @@
 #   bash benchmarks/gpu_session.sh bench-train # bench_train, bench_grpo
 #   bash benchmarks/gpu_session.sh bench moe   # named benchmarks only (moe mla logprobs train grpo)
 #   bash benchmarks/gpu_session.sh all         # all of it in one go (a longer call)
+#   bash benchmarks/gpu_session.sh short       # one call of <= 10 minutes for a session with 15 device
+#                                              # minutes: build, GPU-only tests, the target rows only
 #
 # The device machine gets the working tree without .git: name the commit for the tables' headers,
 #   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test-gpu
 #
 # Every step runs under its own time limit (seconds, the STEP_LIMIT_* variables below), so one
-# that runs long leaves the others their time and its log still comes back. Output is unbuffered
+# that runs long leaves the others their time and its log still comes back. SESSION_SECONDS (540
+# for `short`, unset otherwise) caps the whole call: each step's limit is cut to what is left of
+# it, and a step with under 30 s left is skipped, so a fast build leaves its time to the tests. Output is unbuffered
 # (a killed step keeps what it printed), and Triton caches autotuning results on disk, so a later
 # step or benchmark process on the same machine does not tune the same kernel again.
 set -uo pipefail
@@ -33,9 +37,20 @@ case "$gpu_name" in
   *) tag=$(echo "$gpu_name" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z') ;;
 esac
 
+left() {  # seconds left of SESSION_SECONDS (a large number when it is unset)
+  if [ -n "${SESSION_SECONDS:-}" ]; then echo $((SESSION_SECONDS - SECONDS)); else echo 1000000; fi
+}
+
 step() {  # step NAME LIMIT COMMAND...: run it with its log in $OUT/NAME.log, print its tail
   local name=$1 limit=$2
   shift 2
+  local remaining
+  remaining=$(($(left) - 10))
+  if [ "$remaining" -lt 30 ]; then
+    echo "== $name skipped: ${remaining}s left of SESSION_SECONDS=$SESSION_SECONDS"
+    return 0
+  fi
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -77,6 +92,9 @@ test_rest() {
 bench() {  # bench NAME LIMIT EXTRA_ARGS...: benchmarks/bench_NAME.py on the GPU, its table in $OUT
   local name=$1 limit=$2
   shift 2
+  local remaining
+  remaining=$(($(left) - 10))
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
   # the benchmark stops starting cases a minute before the hard limit, so its table is written
   step "bench_$name" "$limit" python3 "benchmarks/bench_$name.py" --device cuda \
     --time-limit "$((limit > 120 ? limit - 60 : limit / 2))" \
@@ -89,11 +107,18 @@ bench_ops() {
   bench logprobs "${STEP_LIMIT_LOGPROBS:-120}"
 }
 
+bench_targets() {  # only the rows the issues set GPU targets on
+  bench moe "${STEP_LIMIT_MOE:-100}" --shapes v3 --tokens 4096 16384 --sections align moe
+  bench mla "${STEP_LIMIT_MLA:-100}" --sections decode prefill --heads 16 128 --batch 128 --cache-len 4096 --s-q 1
+  bench logprobs "${STEP_LIMIT_LOGPROBS:-80}" --tokens 8192 --hidden 7168 --vocab 129280
+}
+
 bench_train() {
   bench train "${STEP_LIMIT_TRAIN:-240}"
   bench grpo "${STEP_LIMIT_GRPO:-240}"
 }
 
+[ "${1:-all}" = short ] && SESSION_SECONDS=${SESSION_SECONDS:-540}
 echo "GPU: $gpu_name; commit ${MOE_ALIGN_GIT_SHA:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}; results in $OUT"
 build
 case "${1:-all}" in
@@ -109,6 +134,7 @@ case "${1:-all}" in
       bench "$name" "${!limit_var:-280}"
     done ;;
   all) test_gpu; test_rest; bench_ops; bench_train ;;
-  *) echo "usage: $0 build|test-gpu|test-rest|bench-ops|bench-train|bench NAME...|all"; exit 2 ;;
+  short) STEP_LIMIT_TEST_GPU=${STEP_LIMIT_TEST_GPU:-200} test_gpu; bench_targets ;;
+  *) echo "usage: $0 build|test-gpu|test-rest|bench-ops|bench-train|bench NAME...|all|short"; exit 2 ;;
 esac
 ls -l "$OUT"
