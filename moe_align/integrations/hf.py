@@ -55,6 +55,7 @@ flags is a no-op, and a later call can add parts the first one left out.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any, NamedTuple
@@ -73,7 +74,7 @@ _PATCHED = "_moe_align_patched"  # model attribute: the set of parts patched so 
 _PLANNER = "_moe_align_planner"
 _FLASH_VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # transformers 5.24 renamed the KV cache argument and output field ``past_key_values`` to ``cache``
-# (the old name is deprecated until 5.40); both are read, and the one the model declares is passed.
+# (the old name is deprecated until 5.40); both are read, and the installed version's is passed.
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
@@ -82,19 +83,16 @@ def _cache_of(kwargs: dict) -> Any:
     return next((kwargs[name] for name in _CACHE_NAMES if kwargs.get(name) is not None), None)
 
 
-def _cache_name(forward) -> str:
-    """The name under which ``forward`` (a transformers forward) takes the KV cache."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
 class _DeepseekClasses(NamedTuple):
     pretrained: tuple[type, ...]
     attention: tuple[type, ...]
     moe: tuple[type, ...]
     v2_attention: type
     causal_lm_loss: Any
+    cache_name: str  # the KV cache's argument and output field: "cache" or "past_key_values"
 
 
+@functools.cache
 def _deepseek_classes() -> _DeepseekClasses | None:
     """transformers' DeepseekV2/V3 classes, or None when transformers is not installed."""
     try:
@@ -109,6 +107,8 @@ def _deepseek_classes() -> _DeepseekClasses | None:
         moe=(v2.DeepseekV2Moe, v3.DeepseekV3MoE),
         v2_attention=v2.DeepseekV2Attention,
         causal_lm_loss=ForCausalLMLoss,
+        cache_name="cache" if "cache" in inspect.signature(v3.DeepseekV3Model.forward).parameters
+        else "past_key_values",
     )
 
 
@@ -477,14 +477,13 @@ def _fused_loss_forward(
         and isinstance(head, nn.Linear) and head.bias is None
         and classes is not None and self.loss_function is classes.causal_lm_loss
     )
+    args[classes.cache_name if classes is not None else "past_key_values"] = cache
     if not fused:
         forward = hf_forward if hf_forward is not None else type(self).forward.__get__(self)
-        args[_cache_name(forward)] = cache
         return forward(**args, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     return_dict = kwargs.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
-    args[_cache_name(self.model.forward)] = cache
     outputs = self.model(**args, **kwargs)
     loss = causal_lm_loss(
         outputs.last_hidden_state, head.weight, labels,
@@ -494,14 +493,13 @@ def _fused_loss_forward(
     )
     from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-    cache_field = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     result = MoeCausalLMOutputWithPast(
         loss=loss,
         logits=None,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
         router_logits=getattr(outputs, "router_logits", None),
-        **{cache_field: getattr(outputs, cache_field)},
+        **{classes.cache_name: getattr(outputs, classes.cache_name)},
     )
     return result if return_dict else result.to_tuple()
 
