@@ -20,9 +20,10 @@
 # Every step runs under its own time limit (seconds, the STEP_LIMIT_* variables below), so one
 # that runs long leaves the others their time and its log still comes back. SESSION_SECONDS (540
 # for `short`, unset otherwise) caps the whole call: each step's limit is cut to what is left of
-# it, and a step with under 30 s left is skipped, so a fast build leaves its time to the tests. Output is unbuffered
-# (a killed step keeps what it printed), and Triton caches autotuning results on disk, so a later
-# step or benchmark process on the same machine does not tune the same kernel again.
+# it, and a step with under 30 s left is skipped, so a fast build leaves its time to the tests.
+# Output is unbuffered (a killed step keeps what it printed), and Triton caches autotuning results
+# on disk, so a later step or benchmark process on the same machine does not tune the same kernel
+# again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/moe_align_gpu}
@@ -37,20 +38,20 @@ case "$gpu_name" in
   *) tag=$(echo "$gpu_name" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z') ;;
 esac
 
-left() {  # seconds left of SESSION_SECONDS (a large number when it is unset)
-  if [ -n "${SESSION_SECONDS:-}" ]; then echo $((SESSION_SECONDS - SECONDS)); else echo 1000000; fi
+clamp() {  # clamp LIMIT: LIMIT, or less when SESSION_SECONDS leaves less (10 s kept for the rest)
+  if [ -z "${SESSION_SECONDS:-}" ]; then echo "$1"; return; fi
+  local remaining=$((SESSION_SECONDS - SECONDS - 10))
+  echo $(($1 < remaining ? $1 : remaining))
 }
 
 step() {  # step NAME LIMIT COMMAND...: run it with its log in $OUT/NAME.log, print its tail
   local name=$1 limit=$2
   shift 2
-  local remaining
-  remaining=$(($(left) - 10))
-  if [ "$remaining" -lt 30 ]; then
-    echo "== $name skipped: ${remaining}s left of SESSION_SECONDS=$SESSION_SECONDS"
+  limit=$(clamp "$limit")
+  if [ "$limit" -lt 30 ]; then
+    echo "== $name skipped: ${limit}s left of SESSION_SECONDS=$SESSION_SECONDS"
     return 0
   fi
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
   echo "== $name (limit ${limit}s): $*"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -92,9 +93,7 @@ test_rest() {
 bench() {  # bench NAME LIMIT EXTRA_ARGS...: benchmarks/bench_NAME.py on the GPU, its table in $OUT
   local name=$1 limit=$2
   shift 2
-  local remaining
-  remaining=$(($(left) - 10))
-  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  limit=$(clamp "$limit")
   # the benchmark stops starting cases a minute before the hard limit, so its table is written
   step "bench_$name" "$limit" python3 "benchmarks/bench_$name.py" --device cuda \
     --time-limit "$((limit > 120 ? limit - 60 : limit / 2))" \
