@@ -277,6 +277,10 @@ def grpo_loss(
         global batch.
     (3) verl divides the token sum by ``loss_scale_factor`` (default L) only: B times this mode.
 
+    The KL term is eq. 33 as written. TRL's GRPOTrainer (1.16) by default multiplies it by the
+    ratio ``r_it`` (``use_bias_correction_kl=True``); with ``use_bias_correction_kl=False`` its
+    loss, gradient and logged metrics equal these (tests/test_grpo_trl.py runs TRL's own code).
+
     Args:
         logp: ``[B, T]`` log-probs of the completion tokens under the policy (differentiable,
             e.g. from :func:`linear_logprobs`).

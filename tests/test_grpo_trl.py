@@ -1,0 +1,89 @@
+"""grpo_loss against TRL's own GRPOTrainer loss code, not our reading of its documentation.
+
+A tiny GRPOTrainer (a 1-layer Llama saved to disk, a word-level tokenizer) computes its loss with
+``_compute_loss`` on a hand-built batch; its forward pass is replaced by fixed per-token
+log-probs, so both sides see the same ``logp``, ``old``, ``ref``, advantages and mask. The loss,
+its gradient with respect to ``logp`` and the metrics TRL logs must equal ours for each mode's
+TRL name (grpo_loss's docstring maps them).
+"""
+
+import pytest
+import torch
+from test_grpo import make_batch
+
+from moe_align.ops.grpo import grpo_loss
+
+trl = pytest.importorskip("trl")  # a test dependency: present in CI, so this runs
+transformers = pytest.importorskip("transformers")
+
+# TRL's config still sets transformers' deprecated gradient_checkpointing argument
+pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+
+TRL_NAME = {"sequence-mean": "grpo", "token-mean": "bnpo", "global-token-mean": "dapo", "dr-grpo": "dr_grpo"}
+TOL = dict(rtol=1e-5, atol=1e-6)
+BATCH, LENGTH, MAX_COMPLETION = 8, 7, 11  # TRL's dr_grpo divides by max_completion_length, not the padded T
+EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(30)}}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>", eos_token="<eos>")
+    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def trl_trainer(model_dir, output_dir, loss_type):
+    from datasets import Dataset
+
+    args = trl.GRPOConfig(output_dir=str(output_dir), loss_type=loss_type, beta=BETA, epsilon=EPS_LOW,
+                          epsilon_high=EPS_HIGH, num_generations=4, per_device_train_batch_size=BATCH,
+                          max_completion_length=MAX_COMPLETION, report_to=[], use_cpu=True, bf16=False,
+                          use_bias_correction_kl=False)  # TRL's default since 1.x weights the KL by the ratio
+    trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                              args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2", "w3 w4"]}))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.training_step in a real run
+    return trainer
+
+
+@pytest.mark.parametrize("mode", list(TRL_NAME))
+def test_loss_gradient_and_metrics_equal_trls(mode, model_dir, tmp_path):
+    logp, old, ref, _, adv, mask = make_batch(batch=BATCH, length=LENGTH, seed=17, spread=0.5, empty_row=True)
+    entropy = torch.rand(BATCH, LENGTH, generator=torch.Generator().manual_seed(18)) * 3
+    other_ranks_tokens = 13  # dapo: num_items_in_batch counts the whole generation batch
+    global_tokens = int(mask.sum()) + other_ranks_tokens
+
+    trainer = trl_trainer(model_dir, tmp_path, TRL_NAME[mode])
+    theirs_logp = logp.clone().requires_grad_()
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (theirs_logp, entropy, None)
+    inputs = {
+        "prompt_ids": torch.ones(BATCH, 2, dtype=torch.long), "prompt_mask": torch.ones(BATCH, 2, dtype=torch.long),
+        "completion_ids": torch.ones(BATCH, LENGTH, dtype=torch.long), "completion_mask": mask.long(),
+        "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+        "num_items_in_batch": torch.tensor(float(global_tokens)),
+    }
+    theirs = trainer._compute_loss(trainer.model, inputs)
+    theirs.backward()
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    ours_logp = logp.clone().requires_grad_()
+    ours, metrics = grpo_loss(ours_logp, adv, mask, old, ref, eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA,
+                              loss_type=mode, num_global_tokens=global_tokens, world_size=1,
+                              max_len=MAX_COMPLETION, entropy=entropy)
+    ours.backward()
+
+    torch.testing.assert_close(ours, theirs.float(), **TOL)
+    torch.testing.assert_close(ours_logp.grad, theirs_logp.grad, **TOL)
+    assert ours_logp.grad.abs().sum() > 0
+    for name in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert metrics[name].item() == pytest.approx(logged[name], rel=1e-5, abs=1e-7), name
+    # the batch straddles both clip bounds, so the clipping comparisons are not vacuous
+    assert logged["clip_ratio/low_mean"] > 0 and logged["clip_ratio/high_mean"] > 0
