@@ -59,14 +59,15 @@ at::Tensor fused_grpo_fwd_cuda(const at::Tensor& logp, const at::Tensor& old_log
                                const std::optional<at::Tensor>& sampler_logp,
                                const at::Tensor& advantages, const at::Tensor& mask,
                                const std::optional<at::Tensor>& entropy, double eps_low,
-                               double eps_high, double beta, double tis_cap);
+                               double eps_high, double beta, double tis_cap, bool unbiased_kl);
 // grad_loss_sum: fp32 [B]. Returns fp32 [B, T]: d(sum_b grad_loss_sum[b] loss_sum[b]) / d logp.
 at::Tensor fused_grpo_bwd_cuda(const at::Tensor& grad_loss_sum, const at::Tensor& logp,
                                const at::Tensor& old_logp,
                                const std::optional<at::Tensor>& ref_logp,
                                const std::optional<at::Tensor>& sampler_logp,
                                const at::Tensor& advantages, const at::Tensor& mask,
-                               double eps_low, double eps_high, double beta, double tis_cap);
+                               double eps_low, double eps_high, double beta, double tis_cap,
+                               bool unbiased_kl);
 #endif
 
 // ---- end grpo/ ----

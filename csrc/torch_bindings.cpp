@@ -33,11 +33,11 @@ TORCH_LIBRARY(moe_align, m) {
   m.def(
       "fused_grpo_fwd(Tensor logp, Tensor old_logp, Tensor? ref_logp, Tensor? sampler_logp,"
       " Tensor advantages, Tensor mask, Tensor? entropy, float eps_low, float eps_high,"
-      " float beta, float tis_cap) -> Tensor stats");
+      " float beta, float tis_cap, bool unbiased_kl) -> Tensor stats");
   m.def(
       "fused_grpo_bwd(Tensor grad_loss_sum, Tensor logp, Tensor old_logp, Tensor? ref_logp,"
       " Tensor? sampler_logp, Tensor advantages, Tensor mask, float eps_low, float eps_high,"
-      " float beta, float tis_cap) -> Tensor grad_logp");
+      " float beta, float tis_cap, bool unbiased_kl) -> Tensor grad_logp");
   // ---- end grpo/ ----
 }
 

@@ -23,9 +23,10 @@ def logprobs_oracle(hidden, weight, targets, temperature=1.0, ignore_index=-100)
 
 
 def grpo_token_loss_oracle(logp, old_logp, ref_logp, advantages, eps_low, eps_high, beta,
-                           sampler_logp=None, tis_cap=math.inf):
+                           sampler_logp=None, tis_cap=math.inf, unbiased_kl=False):
     """[B, T] per-token loss: minus the bracket of eq. 32 (clipped surrogate - beta KL of eq. 33),
-    the surrogate weighted by the truncated importance ratio pi_old / pi_sampler."""
+    the surrogate weighted by the truncated importance ratio pi_old / pi_sampler, the KL (with
+    unbiased_kl) by the ratio pi / pi_old."""
     B, T = logp.shape
     rows = []
     for i in range(B):
@@ -42,6 +43,8 @@ def grpo_token_loss_oracle(logp, old_logp, ref_logp, advantages, eps_low, eps_hi
             if ref_logp is not None:
                 pi_ref = torch.exp(ref_logp[i, t])
                 kl = pi_ref / pi - torch.log(pi_ref / pi) - 1  # eq. 33
+                if unbiased_kl:
+                    kl = kl * ratio
             row.append(-(surrogate - beta * kl))
         rows.append(torch.stack(row) if row else torch.zeros(0, dtype=torch.float64))
     return torch.stack(rows) if rows else torch.zeros(0, T, dtype=torch.float64)

@@ -37,8 +37,8 @@ def make_batch(batch=6, length=9, seed=0, spread=0.3, empty_row=True):
 
 
 def oracle_loss(logp, old, ref, adv, mask, mode, eps_low=0.2, eps_high=0.28, beta=0.04, sampler=None,
-                tis_cap=math.inf, **agg):
-    per_token = grpo_token_loss_oracle(logp, old, ref, adv, eps_low, eps_high, beta, sampler, tis_cap)
+                tis_cap=math.inf, unbiased_kl=False, **agg):
+    per_token = grpo_token_loss_oracle(logp, old, ref, adv, eps_low, eps_high, beta, sampler, tis_cap, unbiased_kl)
     return aggregate_oracle(per_token, mask, mode, **agg)
 
 
@@ -51,17 +51,18 @@ def agg_kwargs(mode, mask):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("importance_sampling", [False, True])
-def test_grpo_loss_matches_oracle(mode, importance_sampling):
+@pytest.mark.parametrize("importance_sampling, unbiased_kl", [(False, False), (True, False), (False, True)])
+def test_grpo_loss_matches_oracle(mode, importance_sampling, unbiased_kl):
     logp, old, ref, sampler, adv, mask = make_batch(seed=1)
     x = logp.clone().requires_grad_()
     extra = dict(sampler_logp=sampler, tis_cap=1.5) if importance_sampling else {}
     loss, metrics = grpo_loss(x, adv, mask, old, ref, eps_low=0.2, eps_high=0.28, beta=0.04, loss_type=mode,
-                              **agg_kwargs(mode, mask), **extra)
+                              unbiased_kl=unbiased_kl, **agg_kwargs(mode, mask), **extra)
     x64 = logp.double().requires_grad_()
     want = oracle_loss(x64, old.double(), ref.double(), adv.double(), mask, mode,
                        sampler=sampler.double() if importance_sampling else None,
-                       tis_cap=1.5 if importance_sampling else math.inf, **agg_kwargs(mode, mask))
+                       tis_cap=1.5 if importance_sampling else math.inf, unbiased_kl=unbiased_kl,
+                       **agg_kwargs(mode, mask))
     torch.testing.assert_close(loss.double(), want.detach(), **TOL)
     loss.backward()
     want.backward()
@@ -303,13 +304,13 @@ def test_fused_grpo_module_matches_unfused(backend, backend_name, mode):
     # every hyper-parameter away from its default, so that the module must pass each one on
     max_len = 11 if mode == "dr-grpo" else None
     module = FusedLinearGRPOLoss(eps_low=0.15, eps_high=0.3, beta=0.05, loss_type=mode, temperature=0.9,
-                                 compute_entropy=True, tis_cap=1.5, max_len=max_len, chunk_size=5)
+                                 compute_entropy=True, tis_cap=1.5, max_len=max_len, chunk_size=5, unbiased_kl=True)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     padded_ids = ids.masked_fill(~mask, -1)  # padding outside the completion is never read
     loss, metrics = module(h, w, padded_ids, mask, adv, old, ref, sampler_logp=sampler)
     loss.backward()
     want = oracle_loss(logp64, old.double(), ref.double(), adv.double(), mask, mode, eps_low=0.15, eps_high=0.3,
-                       beta=0.05, sampler=sampler.double(), tis_cap=1.5, max_len=max_len)
+                       beta=0.05, sampler=sampler.double(), tis_cap=1.5, max_len=max_len, unbiased_kl=True)
     want.backward()
     torch.testing.assert_close(loss.double(), want.detach(), **TOL)
     torch.testing.assert_close(h.grad.double(), h64.grad, **GRAD_TOL)
@@ -375,9 +376,11 @@ def test_opcheck():
     logp, old, ref, sampler, adv, mask = make_batch(seed=19)
     maskf = mask.float()
     for ref_, sampler_, entropy in ((ref, sampler, logp.abs()), (None, None, None)):
-        args = (logp.clone().requires_grad_(), old, ref_, sampler_, adv, maskf, entropy, 0.2, 0.28, 0.04, 2.0)
-        torch.library.opcheck(torch.ops.moe_align.grpo_sequence_stats.default, args)
-    bwd_args = (torch.randn(6), logp, old, ref, sampler, adv, maskf, 0.2, 0.28, 0.04, 2.0)
+        for unbiased_kl in (False, True):
+            args = (logp.clone().requires_grad_(), old, ref_, sampler_, adv, maskf, entropy, 0.2, 0.28, 0.04, 2.0,
+                    unbiased_kl)
+            torch.library.opcheck(torch.ops.moe_align.grpo_sequence_stats.default, args)
+    bwd_args = (torch.randn(6), logp, old, ref, sampler, adv, maskf, 0.2, 0.28, 0.04, 2.0, True)
     torch.library.opcheck(torch.ops.moe_align.grpo_sequence_stats_backward.default, bwd_args)
 
 
@@ -423,6 +426,7 @@ def _grpo(**overrides):
         (lambda: _grpo(eps_low=-0.1), ValueError, "eps_low"),
         (lambda: _grpo(beta=-1.0), ValueError, "beta"),
         (lambda: _grpo(tis_cap=0.0, sampler_logp=torch.zeros(6, 9)), ValueError, "tis_cap"),
+        (lambda: _grpo(unbiased_kl=1), TypeError, "unbiased_kl must be a bool"),
         (lambda: group_advantages(torch.zeros(10), 4), ValueError, "group_size=4 does not divide"),
         (lambda: group_advantages(torch.zeros(10, 2), 2), ValueError, "rewards must be a"),
         (lambda: combine_rewards({"a": torch.zeros(3)}, {"b": 1.0}), ValueError, "coefficients must name"),
@@ -453,19 +457,22 @@ def test_bad_input(call, error, match):
 
 @requires_cuda
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_kernel_matches_oracle(backend, mode):
+@pytest.mark.parametrize("unbiased_kl", [False, True])
+def test_cuda_kernel_matches_oracle(backend, mode, unbiased_kl):
     backend("cuda")
     logp, old, ref, sampler, adv, mask = make_batch(batch=33, length=517, seed=30)
     cuda = [t.cuda() for t in (logp, old, ref, sampler, adv, mask)]
     x = cuda[0].clone().requires_grad_()
     entropy = cuda[0].abs()
     loss, metrics = grpo_loss(x, cuda[4], cuda[5], cuda[1], cuda[2], eps_high=0.28, loss_type=mode,
-                              sampler_logp=cuda[3], tis_cap=1.5, entropy=entropy, **agg_kwargs(mode, mask))
+                              sampler_logp=cuda[3], tis_cap=1.5, entropy=entropy, unbiased_kl=unbiased_kl,
+                              **agg_kwargs(mode, mask))
     loss.backward()
     backend("torch")
     y = logp.clone().requires_grad_()
     want, want_metrics = grpo_loss(y, adv, mask, old, ref, eps_high=0.28, loss_type=mode, sampler_logp=sampler,
-                                   tis_cap=1.5, entropy=logp.abs(), **agg_kwargs(mode, mask))
+                                   tis_cap=1.5, entropy=logp.abs(), unbiased_kl=unbiased_kl,
+                                   **agg_kwargs(mode, mask))
     want.backward()
     torch.testing.assert_close(loss.cpu(), want, **TOL)
     torch.testing.assert_close(x.grad.cpu(), y.grad, **GRAD_TOL)
@@ -478,12 +485,13 @@ def test_cuda_kernel_deterministic_and_opcheck(backend):
     backend("cuda")
     logp, old, ref, sampler, adv, mask = (t.cuda() for t in make_batch(batch=64, length=2048, seed=31))
     maskf = mask.float()
-    first = torch.ops.moe_align.grpo_sequence_stats(logp, old, ref, sampler, adv, maskf, None, 0.2, 0.2, 0.04, 2.0)
-    second = torch.ops.moe_align.grpo_sequence_stats(logp, old, ref, sampler, adv, maskf, None, 0.2, 0.2, 0.04, 2.0)
+    hyper = (0.2, 0.2, 0.04, 2.0, False)
+    first = torch.ops.moe_align.grpo_sequence_stats(logp, old, ref, sampler, adv, maskf, None, *hyper)
+    second = torch.ops.moe_align.grpo_sequence_stats(logp, old, ref, sampler, adv, maskf, None, *hyper)
     assert torch.equal(first, second)
-    args = (logp.clone().requires_grad_(), old, ref, sampler, adv, maskf, None, 0.2, 0.2, 0.04, 2.0)
+    args = (logp.clone().requires_grad_(), old, ref, sampler, adv, maskf, None, *hyper)
     torch.library.opcheck(torch.ops.moe_align.grpo_sequence_stats.default, args)
-    native = (logp, old, ref, sampler, adv, maskf, logp.abs(), 0.2, 0.2, 0.04, 2.0)
+    native = (logp, old, ref, sampler, adv, maskf, logp.abs(), 0.2, 0.2, 0.04, 2.0, True)
     torch.library.opcheck(torch.ops.moe_align.fused_grpo_fwd.default, native)
-    native_bwd = (torch.randn(64, device="cuda"), logp, old, None, sampler, adv, maskf, 0.2, 0.2, 0.04, 2.0)
+    native_bwd = (torch.randn(64, device="cuda"), logp, old, None, sampler, adv, maskf, 0.2, 0.2, 0.04, 2.0, True)
     torch.library.opcheck(torch.ops.moe_align.fused_grpo_bwd.default, native_bwd)

@@ -83,7 +83,8 @@ class ScriptedEngine:
 
 
 @pytest.mark.parametrize("loss_type", ["sequence-mean", "token-mean", "global-token-mean", "dr-grpo"])
-def test_step_loss_over_ranks_and_micro_batches_matches_oracle(loss_type):
+@pytest.mark.parametrize("unbiased_kl", [False, True])
+def test_step_loss_over_ranks_and_micro_batches_matches_oracle(loss_type, unbiased_kl):
     g = torch.Generator().manual_seed(0)
     G, T, eps_low, eps_high, beta = 3, 7, 0.2, 0.28, 0.04
     lens = [7, 3, 1, 5, 2, 6, 4, 7, 2]
@@ -114,7 +115,7 @@ def test_step_loss_over_ranks_and_micro_batches_matches_oracle(loss_type):
             loss, _ = grpo_step_loss(logp[rows, :width], advantages[rows], mask[rows, :width].float(),
                                      old[rows, :width], ref[rows, :width], num_sequences=float(valid.sum()),
                                      num_tokens=float(mask.sum()), world_size=2, eps_low=eps_low, eps_high=eps_high,
-                                     beta=beta, loss_type=loss_type, max_len=T)
+                                     beta=beta, loss_type=loss_type, max_len=T, unbiased_kl=unbiased_kl)
             total = total + loss
     total = total / 2
     total.backward()
@@ -122,7 +123,7 @@ def test_step_loss_over_ranks_and_micro_batches_matches_oracle(loss_type):
     keep = valid.nonzero().squeeze(1)
     logp64 = logp.detach().double()[keep].requires_grad_(True)
     per_token = grpo_token_loss_oracle(logp64, old.double()[keep], ref.double()[keep], expected[keep],
-                                       eps_low, eps_high, beta)
+                                       eps_low, eps_high, beta, unbiased_kl=unbiased_kl)
     oracle_type = "token-mean" if loss_type == "global-token-mean" else loss_type
     oracle = aggregate_oracle(per_token, mask[keep], oracle_type, max_len=T)
     oracle.backward()
@@ -498,6 +499,25 @@ def test_sampler_logprobs_weight_the_policy_term(tmp_path):
                              rewards={"test_length": 1.0})
         losses.append(GRPOTrainer(config, rollout_engine=engine).train()["loss"])
     assert losses[0] != 0 and losses[1] == pytest.approx(2 * losses[0], rel=1e-5)
+
+
+def test_config_options_reach_the_step_loss(tmp_path, monkeypatch):
+    import moe_align.train.grpo as grpo_module
+
+    seen = []
+    step_loss = grpo_module.grpo_step_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return step_loss(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "grpo_step_loss", spy)
+    config = tiny_config(tmp_path, "spy", max_steps=1, unbiased_kl=True, tis_cap=3.0, eps_low=0.1, eps_high=0.3,
+                         beta=0.02, loss_type="dr-grpo")
+    GRPOTrainer(config).train()
+    assert seen and all(
+        (kw["unbiased_kl"], kw["tis_cap"], kw["eps_low"], kw["eps_high"], kw["beta"], kw["loss_type"])
+        == (True, 3.0, 0.1, 0.3, 0.02, "dr-grpo") for kw in seen)
 
 
 # ---- 6. reward errors -----------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A tiny GRPOTrainer (a 1-layer Llama saved to disk, a word-level tokenizer) compu
 ``_compute_loss`` on a hand-built batch; its forward pass is replaced by fixed per-token
 log-probs, so both sides see the same ``logp``, ``old``, ``ref``, advantages and mask. The loss,
 its gradient with respect to ``logp`` and the metrics TRL logs must equal ours for each mode's
-TRL name (grpo_loss's docstring maps them).
+TRL name (grpo_loss's docstring maps them), with the KL as eq. 33 writes it and weighted by the
+ratio (TRL's use_bias_correction_kl, our unbiased_kl).
 """
 
 import pytest
@@ -40,13 +41,13 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def trl_trainer(model_dir, output_dir, loss_type):
+def trl_trainer(model_dir, output_dir, loss_type, use_bias_correction_kl):
     from datasets import Dataset
 
     args = trl.GRPOConfig(output_dir=str(output_dir), loss_type=loss_type, beta=BETA, epsilon=EPS_LOW,
                           epsilon_high=EPS_HIGH, num_generations=4, per_device_train_batch_size=BATCH,
                           max_completion_length=MAX_COMPLETION, report_to=[], use_cpu=True, bf16=False,
-                          use_bias_correction_kl=False)  # TRL's default since 1.x weights the KL by the ratio
+                          use_bias_correction_kl=use_bias_correction_kl)
     trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=lambda completions, **_: [0.0] * len(completions),
                               args=args, train_dataset=Dataset.from_dict({"prompt": ["w1 w2", "w3 w4"]}))
     trainer.model.train()
@@ -55,13 +56,14 @@ def trl_trainer(model_dir, output_dir, loss_type):
 
 
 @pytest.mark.parametrize("mode", list(TRL_NAME))
-def test_loss_gradient_and_metrics_equal_trls(mode, model_dir, tmp_path):
+@pytest.mark.parametrize("unbiased_kl", [False, True])  # TRL's use_bias_correction_kl (True by default)
+def test_loss_gradient_and_metrics_equal_trls(mode, unbiased_kl, model_dir, tmp_path):
     logp, old, ref, _, adv, mask = make_batch(batch=BATCH, length=LENGTH, seed=17, spread=0.5, empty_row=True)
     entropy = torch.rand(BATCH, LENGTH, generator=torch.Generator().manual_seed(18)) * 3
     other_ranks_tokens = 13  # dapo: num_items_in_batch counts the whole generation batch
     global_tokens = int(mask.sum()) + other_ranks_tokens
 
-    trainer = trl_trainer(model_dir, tmp_path, TRL_NAME[mode])
+    trainer = trl_trainer(model_dir, tmp_path, TRL_NAME[mode], use_bias_correction_kl=unbiased_kl)
     theirs_logp = logp.clone().requires_grad_()
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (theirs_logp, entropy, None)
     inputs = {
@@ -77,7 +79,7 @@ def test_loss_gradient_and_metrics_equal_trls(mode, model_dir, tmp_path):
     ours_logp = logp.clone().requires_grad_()
     ours, metrics = grpo_loss(ours_logp, adv, mask, old, ref, eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA,
                               loss_type=mode, num_global_tokens=global_tokens, world_size=1,
-                              max_len=MAX_COMPLETION, entropy=entropy)
+                              max_len=MAX_COMPLETION, entropy=entropy, unbiased_kl=unbiased_kl)
     ours.backward()
 
     torch.testing.assert_close(ours, theirs.float(), **TOL)

@@ -1,5 +1,5 @@
 // Fused GRPO loss (DeepSeek-V2 eq. 32-33): per-token clipped surrogate, truncated importance
-// weight and k3 KL, summed per sequence with the metrics a trainer logs (forward), and the
+// weight and k3 KL (optionally weighted by the ratio: the unbiased estimate), summed per sequence with the metrics a trainer logs (forward), and the
 // per-token gradient of those sums (backward). The aggregation over sequences (eq. 32's means,
 // TRL's bnpo / dapo / dr_grpo) is a few scalar operations on the [batch] sums, in Python.
 //
@@ -24,13 +24,13 @@ constexpr int kBwdThreads = 256;
 struct TokenTerms {
   float ratio;
   float loss;  // policy term (x IS weight) + beta * kl
-  float kl;
+  float kl;    // k3, times the ratio when unbiased_kl
 };
 
 __device__ __forceinline__ TokenTerms token_terms(float lp, float old, const float* ref,
                                                   const float* sampler, int64_t i, float adv,
                                                   float eps_low, float eps_high, float beta,
-                                                  float tis_cap) {
+                                                  float tis_cap, bool unbiased_kl) {
   TokenTerms out;
   out.ratio = expf(lp - old);
   const float clipped = fminf(fmaxf(out.ratio, 1.0f - eps_low), 1.0f + eps_high);
@@ -40,6 +40,7 @@ __device__ __forceinline__ TokenTerms token_terms(float lp, float old, const flo
   if (ref != nullptr) {
     const float d = ref[i] - lp;
     out.kl = expf(d) - d - 1.0f;
+    if (unbiased_kl) out.kl *= out.ratio;
     if (beta != 0.0f) out.loss += beta * out.kl;
   }
   return out;
@@ -56,7 +57,8 @@ __global__ void __launch_bounds__(kFwdThreads)
                     const float* __restrict__ ref_logp, const float* __restrict__ sampler_logp,
                     const float* __restrict__ advantages, const float* __restrict__ mask,
                     const float* __restrict__ entropy, int64_t seq_len, float eps_low,
-                    float eps_high, float beta, float tis_cap, float* __restrict__ stats) {
+                    float eps_high, float beta, float tis_cap, bool unbiased_kl,
+                    float* __restrict__ stats) {
   const int64_t b = blockIdx.x;
   const int64_t row = b * seq_len;
   const float adv = advantages[b];
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(kFwdThreads)
     const float m = mask[i];
     if (m == 0.0f) continue;
     const TokenTerms x = token_terms(logp[i], old_logp[i], ref_logp, sampler_logp, i, adv,
-                                     eps_low, eps_high, beta, tis_cap);
+                                     eps_low, eps_high, beta, tis_cap, unbiased_kl);
     acc[kGrpoLossSum] += x.loss * m;
     acc[kGrpoTokens] += m;
     acc[kGrpoKlSum] += x.kl * m;
@@ -110,7 +112,7 @@ __global__ void __launch_bounds__(kBwdThreads)
                     const float* __restrict__ old_logp, const float* __restrict__ ref_logp,
                     const float* __restrict__ sampler_logp, const float* __restrict__ advantages,
                     const float* __restrict__ mask, int64_t numel, int64_t seq_len,
-                    float eps_low, float eps_high, float beta, float tis_cap,
+                    float eps_low, float eps_high, float beta, float tis_cap, bool unbiased_kl,
                     float* __restrict__ grad_logp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBwdThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBwdThreads + threadIdx.x; i < numel;
@@ -130,7 +132,10 @@ __global__ void __launch_bounds__(kBwdThreads)
                          (adv < 0.0f && ratio < 1.0f - eps_low);
     float g = clipped ? 0.0f : -adv * ratio;
     if (sampler_logp != nullptr) g *= fminf(expf(old - sampler_logp[i]), tis_cap);
-    if (ref_logp != nullptr && beta != 0.0f) g += beta * (1.0f - expf(ref_logp[i] - lp));
+    // d k3 / d logp = 1 - pi_ref / pi; d (r k3) / d logp = r (k3 + 1 - pi_ref / pi) = r (logp - ref)
+    if (ref_logp != nullptr && beta != 0.0f) {
+      g += beta * (unbiased_kl ? ratio * (lp - ref_logp[i]) : 1.0f - expf(ref_logp[i] - lp));
+    }
     grad_logp[i] = g * m * grad_loss_sum[b];
   }
 }
@@ -140,19 +145,19 @@ __global__ void __launch_bounds__(kBwdThreads)
 void launch_grpo_fwd(const float* logp, const float* old_logp, const float* ref_logp,
                      const float* sampler_logp, const float* advantages, const float* mask,
                      const float* entropy, int64_t batch, int64_t seq_len, float eps_low,
-                     float eps_high, float beta, float tis_cap, float* stats,
+                     float eps_high, float beta, float tis_cap, bool unbiased_kl, float* stats,
                      cudaStream_t stream) {
   if (batch == 0) return;
   grpo_fwd_kernel<<<static_cast<unsigned>(batch), kFwdThreads, 0, stream>>>(
       logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, seq_len, eps_low,
-      eps_high, beta, tis_cap, stats);
+      eps_high, beta, tis_cap, unbiased_kl, stats);
 }
 
 void launch_grpo_bwd(const float* grad_loss_sum, const float* logp, const float* old_logp,
                      const float* ref_logp, const float* sampler_logp, const float* advantages,
                      const float* mask, int64_t batch, int64_t seq_len, float eps_low,
-                     float eps_high, float beta, float tis_cap, float* grad_logp,
-                     cudaStream_t stream) {
+                     float eps_high, float beta, float tis_cap, bool unbiased_kl,
+                     float* grad_logp, cudaStream_t stream) {
   const int64_t numel = batch * seq_len;
   if (numel == 0) return;
   const int64_t blocks = (numel + kBwdThreads - 1) / kBwdThreads;
@@ -160,7 +165,7 @@ void launch_grpo_bwd(const float* grad_loss_sum, const float* logp, const float*
   grpo_bwd_kernel<<<grid, kBwdThreads, 0, stream>>>(grad_loss_sum, logp, old_logp, ref_logp,
                                                      sampler_logp, advantages, mask, numel,
                                                      seq_len, eps_low, eps_high, beta, tis_cap,
-                                                     grad_logp);
+                                                     unbiased_kl, grad_logp);
 }
 
 }  // namespace moe_align

@@ -51,7 +51,7 @@ at::Tensor fused_grpo_fwd_cuda(const at::Tensor& logp, const at::Tensor& old_log
                                const std::optional<at::Tensor>& sampler_logp,
                                const at::Tensor& advantages, const at::Tensor& mask,
                                const std::optional<at::Tensor>& entropy, double eps_low,
-                               double eps_high, double beta, double tis_cap) {
+                               double eps_high, double beta, double tis_cap, bool unbiased_kl) {
   check_common(logp, old_logp, advantages, mask);
   const float* ref = optional_ptr(ref_logp, "ref_logp", logp);
   const float* sampler = optional_ptr(sampler_logp, "sampler_logp", logp);
@@ -64,8 +64,8 @@ at::Tensor fused_grpo_fwd_cuda(const at::Tensor& logp, const at::Tensor& old_log
   launch_grpo_fwd(logp.data_ptr<float>(), old_logp.data_ptr<float>(), ref, sampler,
                   advantages.data_ptr<float>(), mask.data_ptr<float>(), ent, batch, logp.size(1),
                   static_cast<float>(eps_low), static_cast<float>(eps_high),
-                  static_cast<float>(beta), static_cast<float>(tis_cap), stats.data_ptr<float>(),
-                  at::cuda::getCurrentCUDAStream());
+                  static_cast<float>(beta), static_cast<float>(tis_cap), unbiased_kl,
+                  stats.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return stats;
 }
@@ -75,7 +75,8 @@ at::Tensor fused_grpo_bwd_cuda(const at::Tensor& grad_loss_sum, const at::Tensor
                                const std::optional<at::Tensor>& ref_logp,
                                const std::optional<at::Tensor>& sampler_logp,
                                const at::Tensor& advantages, const at::Tensor& mask,
-                               double eps_low, double eps_high, double beta, double tis_cap) {
+                               double eps_low, double eps_high, double beta, double tis_cap,
+                               bool unbiased_kl) {
   check_common(logp, old_logp, advantages, mask);
   check_token_tensor(grad_loss_sum, "grad_loss_sum", advantages);
   const float* ref = optional_ptr(ref_logp, "ref_logp", logp);
@@ -87,7 +88,7 @@ at::Tensor fused_grpo_bwd_cuda(const at::Tensor& grad_loss_sum, const at::Tensor
                   old_logp.data_ptr<float>(), ref, sampler, advantages.data_ptr<float>(),
                   mask.data_ptr<float>(), logp.size(0), logp.size(1),
                   static_cast<float>(eps_low), static_cast<float>(eps_high),
-                  static_cast<float>(beta), static_cast<float>(tis_cap),
+                  static_cast<float>(beta), static_cast<float>(tis_cap), unbiased_kl,
                   grad_logp.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_logp;

@@ -46,12 +46,13 @@ class FusedLinearGRPOLoss(nn.Module):
         temperature: float = 1.0,
         max_len: int | None = None,
         tis_cap: float = 2.0,
+        unbiased_kl: bool = False,
         compute_entropy: bool = False,
         fp32_head: bool = False,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.eps_low, self.eps_high, self.beta = eps_low, eps_high, beta
+        self.eps_low, self.eps_high, self.beta, self.unbiased_kl = eps_low, eps_high, beta, unbiased_kl
         self.loss_type, self.temperature, self.max_len, self.tis_cap = loss_type, temperature, max_len, tis_cap
         self.compute_entropy, self.fp32_head, self.chunk_size = compute_entropy, fp32_head, chunk_size
 
@@ -94,7 +95,7 @@ class FusedLinearGRPOLoss(nn.Module):
             logp, advantages, completion_mask, old_logp, ref_logp, eps_low=self.eps_low,
             eps_high=self.eps_high, beta=self.beta, loss_type=self.loss_type,
             num_global_tokens=num_global_tokens, world_size=world_size, max_len=self.max_len,
-            sampler_logp=sampler_logp, tis_cap=self.tis_cap, entropy=entropy,
+            sampler_logp=sampler_logp, tis_cap=self.tis_cap, entropy=entropy, unbiased_kl=self.unbiased_kl,
         )
 
 

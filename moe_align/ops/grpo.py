@@ -7,6 +7,7 @@ advantages (eq. 34); the reward may combine several reward models (eq. 36)::
     r_it  = pi(o_it) / pi_old(o_it)                                       (token ratio)
     l_it  = -min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i)    (policy term)
             + beta (pi_ref / pi - log(pi_ref / pi) - 1)                  (eq. 33, k3)
+            (the k3 term times r_it with unbiased_kl: DeepSeek-V3.2's unbiased estimate)
     A_i   = (R_i - mean(R_group)) / (std(R_group) + eps)                 (eq. 34)
     R_i   = sum_k c_k RM_k(o_i)                                          (eq. 36)
 
@@ -50,6 +51,7 @@ def grpo_sequence_stats_torch(
     eps_high: float,
     beta: float,
     tis_cap: float,
+    unbiased_kl: bool,
 ) -> torch.Tensor:
     """PyTorch path of the fused op: float32 ``[B, len(STATS)]`` (see :data:`STATS`). Tokens with
     ``mask == 0`` are left out (whatever their values), so padding may hold anything."""
@@ -63,6 +65,8 @@ def grpo_sequence_stats_torch(
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        if unbiased_kl:
+            kl = kl * ratio
         if beta != 0:
             per_token = per_token + beta * kl
 
@@ -98,13 +102,15 @@ def grpo_sequence_stats_backward_torch(
     eps_high: float,
     beta: float,
     tis_cap: float,
+    unbiased_kl: bool,
 ) -> torch.Tensor:
     """d loss_sum_b / d logp_bt times ``grad_loss_sum[b]``, float32 ``[B, T]``.
 
     The policy term's gradient is ``-A r`` (times the truncated IS weight), zero where the clip
     is active on the side that the min picks: ``A > 0, r > 1 + eps_high`` or
     ``A < 0, r < 1 - eps_low`` (as autograd of min/clamp gives); the k3 term's is
-    ``beta (1 - pi_ref / pi)``.
+    ``beta (1 - pi_ref / pi)``, and with ``unbiased_kl`` that of ``beta r k3`` is
+    ``beta r (k3 + 1 - pi_ref / pi) = beta r (logp - ref_logp)``.
     """
     adv = advantages.unsqueeze(1)
     ratio = torch.exp(logp - old_logp)
@@ -113,7 +119,7 @@ def grpo_sequence_stats_backward_torch(
     if sampler_logp is not None:
         grad = grad * torch.exp(old_logp - sampler_logp).clamp(max=tis_cap)
     if ref_logp is not None and beta != 0:
-        grad = grad + beta * (1 - torch.exp(ref_logp - logp))
+        grad = grad + beta * (ratio * (logp - ref_logp) if unbiased_kl else 1 - torch.exp(ref_logp - logp))
     return torch.where(mask != 0, grad * mask * grad_loss_sum.unsqueeze(1), 0.0)
 
 
@@ -122,12 +128,14 @@ load_native()
 
 
 @torch.library.register_fake("moe_align::fused_grpo_fwd")
-def _(logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap):
+def _(logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap,
+      unbiased_kl):
     return logp.new_empty(logp.shape[0], NUM_STATS)
 
 
 @torch.library.register_fake("moe_align::fused_grpo_bwd")
-def _(grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap):
+def _(grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap,
+      unbiased_kl):
     return torch.empty_like(logp)
 
 
@@ -150,15 +158,18 @@ def _grpo_sequence_stats(
     eps_high: float,
     beta: float,
     tis_cap: float,
+    unbiased_kl: bool,
 ) -> torch.Tensor:
-    args = (logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap)
+    args = (logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap,
+            unbiased_kl)
     if _grpo_backend(logp.device) == "cuda":
         return torch.ops.moe_align.fused_grpo_fwd(*args)
     return grpo_sequence_stats_torch(*args)
 
 
 @_grpo_sequence_stats.register_fake
-def _(logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap):
+def _(logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap,
+      unbiased_kl):
     return logp.new_empty(logp.shape[0], NUM_STATS)
 
 
@@ -175,22 +186,25 @@ def _grpo_sequence_stats_backward(
     eps_high: float,
     beta: float,
     tis_cap: float,
+    unbiased_kl: bool,
 ) -> torch.Tensor:
-    args = (grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap)
+    args = (grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap,
+            unbiased_kl)
     if _grpo_backend(logp.device) == "cuda":
         return torch.ops.moe_align.fused_grpo_bwd(*args)
     return grpo_sequence_stats_backward_torch(*args)
 
 
 @_grpo_sequence_stats_backward.register_fake
-def _(grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap):
+def _(grad_loss_sum, logp, old_logp, ref_logp, sampler_logp, advantages, mask, eps_low, eps_high, beta, tis_cap,
+      unbiased_kl):
     return torch.empty_like(logp)
 
 
 def _stats_setup_context(ctx, inputs, output):
-    logp, old_logp, ref_logp, sampler_logp, advantages, mask, _, eps_low, eps_high, beta, tis_cap = inputs
+    logp, old_logp, ref_logp, sampler_logp, advantages, mask, _, eps_low, eps_high, beta, tis_cap, unbiased_kl = inputs
     ctx.save_for_backward(logp, old_logp, ref_logp, sampler_logp, advantages, mask)
-    ctx.hyper = (eps_low, eps_high, beta, tis_cap)
+    ctx.hyper = (eps_low, eps_high, beta, tis_cap, unbiased_kl)
 
 
 def _stats_backward(ctx, grad_stats):
@@ -199,7 +213,7 @@ def _stats_backward(ctx, grad_stats):
     grad_logp = _grpo_sequence_stats_backward(
         grad_stats[:, 0].contiguous(), logp, old_logp, ref_logp, sampler_logp, advantages, mask, *ctx.hyper
     )
-    return grad_logp, None, None, None, None, None, None, None, None, None, None
+    return (grad_logp,) + (None,) * 11
 
 
 _grpo_sequence_stats.register_autograd(_stats_backward, setup_context=_stats_setup_context)
@@ -249,6 +263,7 @@ def grpo_loss(
     sampler_logp: torch.Tensor | None = None,
     tis_cap: float = 2.0,
     entropy: torch.Tensor | None = None,
+    unbiased_kl: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (DeepSeek-V2 eq. 32-33, to minimise) from per-token log-probs.
 
@@ -277,9 +292,11 @@ def grpo_loss(
         global batch.
     (3) verl divides the token sum by ``loss_scale_factor`` (default L) only: B times this mode.
 
-    The KL term is eq. 33 as written. TRL's GRPOTrainer (1.16) by default multiplies it by the
-    ratio ``r_it`` (``use_bias_correction_kl=True``); with ``use_bias_correction_kl=False`` its
-    loss, gradient and logged metrics equal these (tests/test_grpo_trl.py runs TRL's own code).
+    The KL term is eq. 33 as written, or with ``unbiased_kl`` the k3 term times ``r_it``: the
+    samples come from pi_old, so ``r_it k3_it`` is the unbiased estimate of KL(pi || pi_ref)
+    (DeepSeek-V3.2). That is TRL's ``use_bias_correction_kl`` (True by default in TRL 1.16):
+    with the same setting, TRL's loss, gradient and logged metrics equal these
+    (tests/test_grpo_trl.py runs TRL's own code).
 
     Args:
         logp: ``[B, T]`` log-probs of the completion tokens under the policy (differentiable,
@@ -300,6 +317,8 @@ def grpo_loss(
             ``vllm_importance_sampling_mode="token_truncate"``), which carries no gradient.
         tis_cap: the truncation of ``w``.
         entropy: ``[B, T]`` per-token entropies, only for the metrics.
+        unbiased_kl: weight the k3 term (and the ``"kl"`` metric) by the ratio ``r_it``, which
+            carries gradient: ``d(r k3)/d logp = r (logp - ref_logp)``.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar, differentiable with respect to ``logp``, and
@@ -333,11 +352,13 @@ def grpo_loss(
     sampler = None if sampler_logp is None else _check_float("sampler_logp", sampler_logp, shape, device).detach()
     tis_cap = _check_number("tis_cap", tis_cap, 0.0, low_open=True)
     ent = None if entropy is None else _check_float("entropy", entropy, shape, device).detach()
+    if not isinstance(unbiased_kl, bool):
+        raise TypeError(f"unbiased_kl must be a bool, got {type(unbiased_kl).__name__}")
     if loss_type not in LOSS_AGGREGATIONS:
         raise ValueError(f"loss_type={loss_type!r} must be one of {LOSS_AGGREGATIONS}")
 
     stats = _grpo_sequence_stats(logp, old, ref, sampler, advantages.detach(), mask, ent,
-                                 eps_low, eps_high, beta, tis_cap)
+                                 eps_low, eps_high, beta, tis_cap, unbiased_kl)
     loss_sum, tokens = stats[:, 0], stats[:, 1]
     batch = shape[0]
     if loss_type == "sequence-mean":

@@ -79,6 +79,7 @@ class GRPOConfig(TrainConfig):
     top_p: float = 1.0
     stop_strings: list = dataclasses.field(default_factory=list)  # e.g. ["\n"]; eos always stops
     beta: float = 0.04  # KL coefficient (eq. 32); 0: no reference model
+    unbiased_kl: bool = False  # weight eq. 33's k3 by the ratio (DeepSeek-V3.2; TRL's use_bias_correction_kl)
     eps_low: float = 0.2  # clip range [1 - eps_low, 1 + eps_high]
     eps_high: float = 0.2
     num_iterations: int = 1  # mu: passes over each batch of rollouts (TRL's name)
@@ -234,8 +235,8 @@ def completion_logps(logp: torch.Tensor, cu_seqlens: torch.Tensor, prompt_lens: 
 def grpo_step_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor,
                    ref_logp: torch.Tensor | None, *, num_sequences: float, num_tokens: float, world_size: int = 1,
                    eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.04, loss_type: str = "sequence-mean",
-                   max_len: int | None = None, sampler_logp: torch.Tensor | None = None, tis_cap: float = 2.0
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   max_len: int | None = None, sampler_logp: torch.Tensor | None = None, tis_cap: float = 2.0,
+                   unbiased_kl: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A micro-batch's share of one optimizer step's GRPO loss (eq. 32-33, to minimise).
 
     ``num_sequences`` (valid outputs) and ``num_tokens`` (their completion tokens) count the whole
@@ -252,7 +253,7 @@ def grpo_step_loss(logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Ten
     """
     rows = logp.shape[0]
     common = dict(old_logp=old_logp, ref_logp=ref_logp, eps_low=eps_low, eps_high=eps_high, beta=beta,
-                  sampler_logp=sampler_logp, tis_cap=tis_cap)
+                  sampler_logp=sampler_logp, tis_cap=tis_cap, unbiased_kl=unbiased_kl)
     if loss_type in ("token-mean", "global-token-mean"):
         return grpo_loss(logp, advantages, mask, loss_type="global-token-mean", num_global_tokens=num_tokens,
                          world_size=world_size, **common)
@@ -624,7 +625,8 @@ class GRPOTrainer(Trainer):
                               take(batch.ref_logp), num_sequences=num_sequences, num_tokens=num_tokens,
                               world_size=self.dist.world_size, eps_low=config.eps_low, eps_high=config.eps_high,
                               beta=config.beta, loss_type=config.loss_type, max_len=config.max_new_tokens,
-                              sampler_logp=take(batch.sampler_logp), tis_cap=config.tis_cap)
+                              sampler_logp=take(batch.sampler_logp), tis_cap=config.tis_cap,
+                              unbiased_kl=config.unbiased_kl)
 
     def move_optimizer_state(self, device: torch.device) -> None:
         """Move AdamW's moments (not its step counters) to ``device`` (``optimizer_on_cpu``)."""
