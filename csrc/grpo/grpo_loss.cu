@@ -1,6 +1,6 @@
 // Fused GRPO loss (DeepSeek-V2 eq. 32-33): per-token clipped surrogate, truncated importance
-// weight and k3 KL (optionally weighted by the ratio: the unbiased estimate), summed per sequence with the metrics a trainer logs (forward), and the
-// per-token gradient of those sums (backward). The aggregation over sequences (eq. 32's means,
+// weight and k3 KL (optionally weighted by the ratio: the unbiased estimate), summed per sequence
+// with the metrics a trainer logs (forward), and the per-token gradient of those sums (backward). The aggregation over sequences (eq. 32's means,
 // TRL's bnpo / dapo / dr_grpo) is a few scalar operations on the [batch] sums, in Python.
 //
 // Forward: one block per sequence; each thread strides over the tokens, then a warp-shuffle and
@@ -132,7 +132,8 @@ __global__ void __launch_bounds__(kBwdThreads)
                          (adv < 0.0f && ratio < 1.0f - eps_low);
     float g = clipped ? 0.0f : -adv * ratio;
     if (sampler_logp != nullptr) g *= fminf(expf(old - sampler_logp[i]), tis_cap);
-    // d k3 / d logp = 1 - pi_ref / pi; d (r k3) / d logp = r (k3 + 1 - pi_ref / pi) = r (logp - ref)
+    // d k3 / d logp = 1 - pi_ref / pi; d (r k3) / d logp = r (k3 + 1 - pi_ref / pi)
+    // = r (logp - ref)
     if (ref_logp != nullptr && beta != 0.0f) {
       g += beta * (unbiased_kl ? ratio * (lp - ref_logp[i]) : 1.0f - expf(ref_logp[i] - lp));
     }
