@@ -1,7 +1,8 @@
 // Fused GRPO loss (DeepSeek-V2 eq. 32-33): per-token clipped surrogate, truncated importance
 // weight and k3 KL (optionally weighted by the ratio: the unbiased estimate), summed per sequence
-// with the metrics a trainer logs (forward), and the per-token gradient of those sums (backward). The aggregation over sequences (eq. 32's means,
-// TRL's bnpo / dapo / dr_grpo) is a few scalar operations on the [batch] sums, in Python.
+// with the metrics a trainer logs (forward), and the per-token gradient of those sums (backward).
+// The aggregation over sequences (eq. 32's means, TRL's bnpo / dapo / dr_grpo) is a few scalar
+// operations on the [batch] sums, in Python.
 //
 // Forward: one block per sequence; each thread strides over the tokens, then a warp-shuffle and
 // shared-memory reduction (fixed order) folds the kGrpoNumStats partial values.
