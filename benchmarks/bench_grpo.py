@@ -265,11 +265,11 @@ def trl_runner(fields: dict, w: Workload, device: torch.device, bf16: bool, tmp:
         return mix(prompts, completions, **cols).total.tolist()
 
     reward.__name__ = "reward_mix"
-    # The loss ours computes: eq. 32 aggregation (TRL's "grpo"; its default is "dapo") and eq. 33's KL
-    # (TRL 1.x weights it by the ratio unless use_bias_correction_kl=False).
+    # The loss ours computes: by default eq. 32's aggregation (TRL's "grpo"; its default is "dapo")
+    # and eq. 33's KL (TRL 1.x weights it by the ratio unless use_bias_correction_kl=False).
     same_loss = {"loss_type": TRL_LOSS_TYPE[gconf.loss_type], "epsilon_high": gconf.eps_high}
     if "use_bias_correction_kl" in {f.name for f in dataclasses.fields(trl.GRPOConfig)}:
-        same_loss["use_bias_correction_kl"] = False
+        same_loss["use_bias_correction_kl"] = gconf.unbiased_kl
     args = trl.GRPOConfig(output_dir=tmp, per_device_train_batch_size=w.prompts * w.group, num_generations=w.group,
                           max_completion_length=w.new_tokens, max_steps=2 + reps, beta=w.beta, learning_rate=LR,
                           adam_beta2=0.95, max_grad_norm=gconf.grad_clip, temperature=1.0, top_p=1.0,
