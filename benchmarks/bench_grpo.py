@@ -44,6 +44,7 @@ from bench_train import (STEADY_MMAP_THRESHOLD, PeakMemory, _malloc_trim, _mmap_
                          hf_model, shape_fields, state_gib)
 
 from moe_align.models.deepseek import DeepseekConfig, DeepseekForCausalLM  # noqa: E402
+from moe_align.ops.grpo import TRL_LOSS_TYPES  # noqa: E402
 from moe_align.train.grpo import (  # noqa: E402
     GRPOConfig,
     GRPOTrainer,
@@ -58,7 +59,6 @@ from moe_align.train.rewards import RewardMix  # noqa: E402
 from moe_align.train.tokenizer import CharTokenizer  # noqa: E402
 
 PROVIDERS = ["ours", "transformers", "trl"]
-TRL_LOSS_TYPE = {"sequence-mean": "grpo", "token-mean": "bnpo", "global-token-mean": "dapo", "dr-grpo": "dr_grpo"}
 BASELINE = "transformers"
 SHAPES = ["small", "v2-lite", "tiny-v2"]
 
@@ -267,7 +267,7 @@ def trl_runner(fields: dict, w: Workload, device: torch.device, bf16: bool, tmp:
     reward.__name__ = "reward_mix"
     # The loss ours computes: by default eq. 32's aggregation (TRL's "grpo"; its default is "dapo")
     # and eq. 33's KL (TRL 1.x weights it by the ratio unless use_bias_correction_kl=False).
-    same_loss = {"loss_type": TRL_LOSS_TYPE[gconf.loss_type], "epsilon_high": gconf.eps_high}
+    same_loss = {"loss_type": TRL_LOSS_TYPES[gconf.loss_type], "epsilon_high": gconf.eps_high}
     if "use_bias_correction_kl" in {f.name for f in dataclasses.fields(trl.GRPOConfig)}:
         same_loss["use_bias_correction_kl"] = gconf.unbiased_kl
     args = trl.GRPOConfig(output_dir=tmp, per_device_train_batch_size=w.prompts * w.group, num_generations=w.group,

@@ -10,9 +10,9 @@ ratio (TRL's use_bias_correction_kl, our unbiased_kl).
 
 import pytest
 import torch
-from test_grpo import make_batch
+from test_grpo import OURS_TO_TRL, make_batch
 
-from moe_align.ops.grpo import grpo_loss
+from moe_align.ops.grpo import TRL_LOSS_TYPES, grpo_loss
 
 trl = pytest.importorskip("trl")  # a test dependency: present in CI, so this runs
 transformers = pytest.importorskip("transformers")
@@ -20,7 +20,6 @@ transformers = pytest.importorskip("transformers")
 # TRL's config still sets transformers' deprecated gradient_checkpointing argument
 pytestmark = pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 
-TRL_NAME = {"sequence-mean": "grpo", "token-mean": "bnpo", "global-token-mean": "dapo", "dr-grpo": "dr_grpo"}
 TOL = dict(rtol=1e-5, atol=1e-6)
 BATCH, LENGTH, MAX_COMPLETION = 8, 7, 11  # TRL's dr_grpo divides by max_completion_length, not the padded T
 EPS_LOW, EPS_HIGH, BETA = 0.2, 0.28, 0.04
@@ -55,7 +54,7 @@ def trl_trainer(model_dir, output_dir, loss_type, use_bias_correction_kl):
     return trainer
 
 
-@pytest.mark.parametrize("mode", list(TRL_NAME))
+@pytest.mark.parametrize("mode", list(OURS_TO_TRL))
 @pytest.mark.parametrize("unbiased_kl", [False, True])  # TRL's use_bias_correction_kl (True by default)
 def test_loss_gradient_and_metrics_equal_trls(mode, unbiased_kl, model_dir, tmp_path):
     logp, old, ref, _, adv, mask = make_batch(batch=BATCH, length=LENGTH, seed=17, spread=0.5, empty_row=True)
@@ -63,7 +62,8 @@ def test_loss_gradient_and_metrics_equal_trls(mode, unbiased_kl, model_dir, tmp_
     other_ranks_tokens = 13  # dapo: num_items_in_batch counts the whole generation batch
     global_tokens = int(mask.sum()) + other_ranks_tokens
 
-    trainer = trl_trainer(model_dir, tmp_path, TRL_NAME[mode], use_bias_correction_kl=unbiased_kl)
+    assert TRL_LOSS_TYPES[mode] == OURS_TO_TRL[mode]  # the package's table, used by bench_grpo
+    trainer = trl_trainer(model_dir, tmp_path, OURS_TO_TRL[mode], use_bias_correction_kl=unbiased_kl)
     theirs_logp = logp.clone().requires_grad_()
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (theirs_logp, entropy, None)
     inputs = {

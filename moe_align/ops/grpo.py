@@ -30,6 +30,8 @@ from moe_align.ops.logprobs import linear_logprobs
 __all__ = ["combine_rewards", "dpo_loss", "group_advantages", "grpo_loss", "sft_loss"]
 
 LOSS_AGGREGATIONS = ("sequence-mean", "token-mean", "global-token-mean", "dr-grpo")
+# The same aggregations under TRL's GRPOConfig.loss_type names (see grpo_loss's table).
+TRL_LOSS_TYPES = {"sequence-mean": "grpo", "token-mean": "bnpo", "global-token-mean": "dapo", "dr-grpo": "dr_grpo"}
 # Columns of the per-sequence statistics computed by the fused op.
 STATS = ("loss_sum", "tokens", "kl_sum", "clip_low", "clip_high", "ratio_sum", "ratio_min",
          "ratio_max", "entropy_sum")
