@@ -523,6 +523,10 @@ def dpo_loss(
         u      = beta ((logp_c - ref_c) - (logp_r - ref_r))
         loss   = mean_i( -(1 - s) log sigmoid(u_i) - s log sigmoid(-u_i) )     (s = label_smoothing)
 
+    With ``s = 0`` this is TRL's DPOTrainer with ``loss_type="sigmoid"`` (tests/test_grpo_trl.py
+    compares loss, gradients and metrics end to end); ``s > 0`` is conservative DPO, which TRL 1.16's
+    "sigmoid" loss no longer applies.
+
     Args:
         chosen_logps, rejected_logps: ``[B]`` sums of the response tokens' log-probs under the
             policy (differentiable, e.g. ``linear_logprobs(...).sum(-1)``).
