@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ENABLE_FP_FUSION
+
 __all__ = [
     "block_m_for",
     "expert_slot_starts",
@@ -421,7 +423,7 @@ class _Launch:
         """c[p] = a[p] @ B_e (times scale[p])."""
         self.kernels["pair_gemm"][self.gemm_grid(n_out)](
             a, b, c, scale, *self.layout, c.shape[0], n_out, k_dim, self.num_m,
-            stride_be, stride_bk, stride_bn, **self.gemm_meta(SCALE_ROWS=scale_rows),
+            stride_be, stride_bk, stride_bn, **self.gemm_meta(SCALE_ROWS=scale_rows), enable_fp_fusion=ENABLE_FP_FUSION,
         )
 
     def weight_grad(self, a, b, c, num_pairs, top_k, slot_starts, a_by_token: bool):
@@ -436,7 +438,7 @@ class _Launch:
         self.kernels["wgrad"][grid](
             a, b, c, self.layout[0], slot_starts, num_pairs, top_k, rows, cols,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), self.block_m,
-            A_BY_TOKEN=a_by_token, DOT_PRECISION=self.precision, **meta,
+            A_BY_TOKEN=a_by_token, DOT_PRECISION=self.precision, **meta, enable_fp_fusion=ENABLE_FP_FUSION,
         )
 
 
@@ -446,7 +448,7 @@ def _sum_over_topk(src: torch.Tensor, dst: torch.Tensor, top_k: int) -> None:
     block_t, block_h = (32, 64) if _interpreted() else (4, 512)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(width, block_h))
     _sum_over_topk_kernel[grid](src, dst, num_tokens, top_k, width, dst.stride(0), dst.stride(1),
-                                BLOCK_T=block_t, BLOCK_H=block_h)
+                                BLOCK_T=block_t, BLOCK_H=block_h, enable_fp_fusion=ENABLE_FP_FUSION)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +493,7 @@ def fused_experts_forward(
         x, gate_up, gu, act, *launch.layout,
         num_pairs, top_k, hidden, inter, launch.num_m,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2),
-        **launch.gemm_meta(SAVE_GU=save_gate_up),
+        **launch.gemm_meta(SAVE_GU=save_gate_up), enable_fp_fusion=ENABLE_FP_FUSION,
     )
     per_pair = torch.empty((num_pairs, hidden), dtype=dtype, device=device)
     launch.pair_gemm(act, down, per_pair, weights, hidden, inter,
@@ -547,7 +549,7 @@ def fused_experts_backward(
         grad_out, down, gu, weights, dgu, dw_part, wact, *launch.layout,
         num_pairs, top_k, hidden, inter, launch.num_m,
         grad_out.stride(0), grad_out.stride(1), down.stride(0), down.stride(1), down.stride(2),
-        **launch.gemm_meta(BLOCK_N=block_n, WRITE_WACT=need_down),
+        **launch.gemm_meta(BLOCK_N=block_n, WRITE_WACT=need_down), enable_fp_fusion=ENABLE_FP_FUSION,
     )
     if need_weights:
         torch.sum(dw_part, dim=1, out=dweights)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ENABLE_FP_FUSION
+
 
 @dataclasses.dataclass(frozen=True)
 class LogprobsConfig:
@@ -304,7 +306,7 @@ def _matmul(a, b, out, *, stride_am, stride_ak, M, K, b_rows=None, out_rows=None
         acc.stride(0) if acc is not None else 0,
         B_ROWS=b_rows is not None, C_ROWS=out_rows is not None, LOAD_ACC=acc is not None,
         FP32_DOT=fp32_dot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
 
 
@@ -344,12 +346,12 @@ def logprobs_forward(
         hidden.stride(0), weight.stride(0),
         HAS_ROWS=row_ids is not None, ENTROPY=return_entropy, FP32_DOT=fp32_dot,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     combine_block = 128
     _fwd_combine_kernel[(triton.cdiv(num_valid, combine_block),)](
         partials, rows, logp, entropy if return_entropy else logp, lse, num_valid, num_splits,
-        HAS_ROWS=row_ids is not None, ENTROPY=return_entropy, BLOCK=combine_block,
+        HAS_ROWS=row_ids is not None, ENTROPY=return_entropy, BLOCK=combine_block, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return logp, entropy, lse
 
@@ -408,7 +410,7 @@ def logprobs_backward(
             hidden.stride(0), weight.stride(0), dz.stride(0),
             HAS_ROWS=row_ids is not None, ENTROPY_GRAD=entropy_grad, FP32_DOT=fp32_dot,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
         if need_weight:
             # dW[chunk] = dz^T H: the reduction over all tokens stays inside one program per tile.

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ENABLE_FP_FUSION
+
 __all__ = ["VarlenConfig", "default_config", "mla_varlen_bwd", "mla_varlen_fwd"]
 
 LOG2E = 1.4426950408889634
@@ -455,7 +457,7 @@ def mla_varlen_fwd(
         D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v,
         BLOCK_DN=_pow2(d_nope), BLOCK_DR=_pow2(d_rope), BLOCK_DV=_pow2(d_v),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q_nope.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return out, lse
 
@@ -487,12 +489,13 @@ def mla_varlen_bwd(
     _bwd_delta_kernel[(triton.cdiv(total * num_heads, block_r),)](
         out, grad_out, delta, total * num_heads, num_heads,
         out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
-        D_V=d_v, BLOCK_DV=_pow2(d_v), BLOCK_R=block_r,
+        D_V=d_v, BLOCK_DV=_pow2(d_v), BLOCK_R=block_r, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     if grad_lse is not None:
         delta -= grad_lse
     common = dict(D_NOPE=d_nope, D_ROPE=d_rope, D_V=d_v, BLOCK_DN=_pow2(d_nope),
-                  BLOCK_DR=_pow2(d_rope), BLOCK_DV=_pow2(d_v), DOT_PRECISION=_dot_precision(q_nope.dtype))
+                  BLOCK_DR=_pow2(d_rope), BLOCK_DV=_pow2(d_v), DOT_PRECISION=_dot_precision(q_nope.dtype),
+                  enable_fp_fusion=ENABLE_FP_FUSION)
     strides = (q_nope.stride(0), q_nope.stride(1), q_rope.stride(0), q_rope.stride(1),
                k_nope.stride(0), k_nope.stride(1), k_rope.stride(0), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1))

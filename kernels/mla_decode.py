@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import ENABLE_FP_FUSION
+
 __all__ = ["DecodeConfig", "default_config", "mla_cache_append_triton", "mla_decode_triton"]
 
 LOG2E = 1.4426950408889634
@@ -223,13 +225,13 @@ def mla_decode_triton(
         D_LAT=d_lat, D_ROPE=d_rope, BLOCK_DL=block_dl, BLOCK_DR=_pow2(d_rope),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     _decode_combine_kernel[(batch, triton.cdiv(rows, cfg.combine_block_m))](
         part_o, part_lse, split_offsets, out, lse,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         s_q, num_heads, D_LAT=d_lat, BLOCK_DL=block_dl, BLOCK_M=cfg.combine_block_m,
-        num_warps=cfg.combine_num_warps,
+        num_warps=cfg.combine_num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return out, lse
 
@@ -247,5 +249,5 @@ def mla_cache_append_triton(
         kv_cache, latent, k_rope, slot_mapping,
         kv_cache.stride(0), kv_cache.stride(1), latent.stride(0), k_rope.stride(0), kv_cache.shape[1],
         D_LAT=d_lat, D_ROPE=d_rope, BLOCK_DL=_pow2(d_lat), BLOCK_DR=_pow2(d_rope),
-        num_warps=4 if kv_cache.is_cuda else 1,
+        num_warps=4 if kv_cache.is_cuda else 1, enable_fp_fusion=ENABLE_FP_FUSION,
     )

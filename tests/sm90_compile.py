@@ -7,11 +7,12 @@ replaced by one that only names the target (cuda, sm_90, 32-wide warps), and an 
 compiles each of its configs. Outputs are never written, so the values are garbage; only the
 launches matter.
 
-Checks what the interpreter does not: that the code compiles (typing, tl.dot shapes and dtypes)
-and that a kernel's shared memory fits sm_90's 227 KiB per block (an autotuned launch needs one
-config that does: the autotuner skips configs that fail to load). In bf16, the dtype that runs
-fast, no kernel may spill registers (cuobjdump's STACK), or, for an autotuned launch, at least
-one config must not: spills do not stop a config from running, so the autotuner would time it.
+Checks what the interpreter does not: that the code compiles (typing, tl.dot shapes and dtypes),
+that every launch sets enable_fp_fusion (Triton 3.10 turns its default off), and that a kernel's
+shared memory fits sm_90's 227 KiB per block (an autotuned launch needs one config that does:
+the autotuner skips configs that fail to load). In bf16, the dtype that runs fast, no kernel may
+spill registers (cuobjdump's STACK), or, for an autotuned launch, at least one config must not:
+spills do not stop a config from running, so the autotuner would time it.
 float32 (exact products without tensor cores, a correctness reference) reports its spills.
 Prints one line per compiled kernel and config.
 """
@@ -85,6 +86,8 @@ _autotuned: list[str] = []  # config descriptions while an autotuner compiles it
 
 
 def compile_only_run(self, *args, grid, warmup, **kwargs):
+    if kwargs.get("enable_fp_fusion") is not True:  # Triton 3.10 changes the default to off
+        failures.append(f"{self.__name__}: launched without enable_fp_fusion=ENABLE_FP_FUSION")
     kernel = _jit_run(self, *args, grid=grid, warmup=True, **kwargs)
     constexprs = {k: v for k, v in kwargs.items() if k.isupper()}
     desc = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()) if k.startswith(("BLOCK", "GROUP")))
