@@ -1,0 +1,72 @@
+"""FusedLinearGRPOLoss against Liger-Kernel's LigerFusedLinearGRPOLoss, the fused GRPO head we
+benchmark against: from the same hidden states, lm_head, completions, advantages and old and
+reference log-probs, the loss, its gradients with respect to the hidden states and the head, and
+the KL and clip-fraction metrics must agree for each aggregation under Liger's (TRL's) name.
+
+Liger computes in float32 whatever the input dtype, as does the CPU path of ours, so the
+tolerances are float32's. Liger's uncompiled path is used: torch.compile on the CPU costs minutes
+of CI and computes the same function. use_ref_model=True: with False, Liger ignores the reference
+log-probs it is given and its KL term is 0.
+"""
+
+import pytest
+import torch
+from test_grpo import OURS_TO_TRL
+
+from moe_align.modules.losses import FusedLinearGRPOLoss
+
+chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")  # a test dependency: present in CI
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+BATCH, LENGTH, HIDDEN, VOCAB = 6, 9, 16, 1000  # V a multiple of no block size
+EPS_LOW, EPS_HIGH, BETA, MAX_COMPLETION = 0.2, 0.28, 0.04, 12
+
+
+def grpo_inputs(seed=0):
+    """Hidden states and head, completions with an empty row, and old / reference log-probs
+    spread around the policy's own so that the ratios straddle both clip bounds."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(BATCH, LENGTH, HIDDEN, generator=g)
+    weight = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)
+    lengths = torch.randint(1, LENGTH + 1, (BATCH,), generator=g)
+    lengths[1] = 0
+    mask = torch.arange(LENGTH).unsqueeze(0) < lengths.unsqueeze(1)
+    advantages = torch.randn(BATCH, generator=g)
+    logits = hidden.double() @ weight.double().T
+    logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+    old = logp + torch.randn(BATCH, LENGTH, generator=g) * 0.3
+    ref = logp + torch.randn(BATCH, LENGTH, generator=g) * 0.3
+    return hidden, weight, ids, mask, advantages, old, ref
+
+
+@pytest.mark.parametrize("mode", list(OURS_TO_TRL))
+@pytest.mark.parametrize("unbiased_kl", [False, True])  # Liger's use_bias_correction_kl
+def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl):
+    hidden, weight, ids, mask, advantages, old, ref = grpo_inputs(seed=21)
+    global_tokens = int(mask.sum()) + 13  # dapo: the tokens of the whole generation batch
+
+    liger = chunked_loss.LigerFusedLinearGRPOLoss(
+        beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+        loss_type=OURS_TO_TRL[mode], max_completion_length=MAX_COMPLETION, use_bias_correction_kl=unbiased_kl)
+    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    theirs, (their_kl, their_clipped) = liger(their_hidden, their_weight, ids, mask.long(), advantages,
+                                              ref_per_token_logps=ref, old_per_token_logps=old,
+                                              num_items_in_batch=global_tokens)
+    theirs.backward()
+
+    ours_module = FusedLinearGRPOLoss(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, loss_type=mode,
+                                      max_len=MAX_COMPLETION, unbiased_kl=unbiased_kl)
+    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, metrics = ours_module(our_hidden, our_weight, ids, mask, advantages, old, ref,
+                                num_global_tokens=global_tokens, world_size=1)
+    ours.backward()
+
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
+    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
+    assert our_weight.grad.abs().sum() > 0
+    assert metrics["kl"].item() == pytest.approx(their_kl.item(), rel=1e-5)
+    # Liger counts a token as clipped where the clip binds for its advantage's sign: TRL's region
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(their_clipped.item(), rel=1e-5)
+    assert 0 < their_clipped.item() < 1  # the batch straddles the bounds: the comparison is not vacuous
