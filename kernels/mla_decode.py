@@ -46,6 +46,11 @@ class DecodeConfig:
     combine_num_warps: int = 4
 
 
+# Triton 3.9's code for the 64-row decode tile at D_lat = 512 spills 88 bytes per thread at 8 warps
+# (Triton 3.6 to 3.8: 222 registers, no spills), and 16 warps cap a thread at 128 registers.
+_TRITON_SPILLS_64_ROW_TILE = tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 9)
+
+
 def default_config(device: torch.device, rows: int, d_lat: int, dtype: torch.dtype = torch.bfloat16) -> DecodeConfig:
     """Tiles for sm_90, chosen without a GPU at hand (untimed): a [BLOCK_M, D_lat] float32
     accumulator per program and a pipelined [BLOCK_N, D_lat + D_rope] key tile in shared memory
@@ -55,7 +60,9 @@ def default_config(device: torch.device, rows: int, d_lat: int, dtype: torch.dty
     if dtype == torch.float32:  # exact products without tensor cores: a correctness reference
         return DecodeConfig(16, 16, 8, 2)
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
-    if d_lat > 256:  # at 512 / 64, sm_90: 192, 171 and 231 registers per thread, no spills
+    if d_lat > 256:  # at 512 / 64, sm_90, Triton 3.6: 192, 171 and 222 registers per thread, no spills
+        if block_m == 64 and _TRITON_SPILLS_64_ROW_TILE:
+            block_m = 32  # 165 registers on Triton 3.9
         return DecodeConfig(block_m, 32, 4 if block_m == 16 else 8, 3 if block_m == 16 else 2)
     return DecodeConfig(block_m, 64, 4, 3)
 
