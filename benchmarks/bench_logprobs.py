@@ -34,6 +34,7 @@ import common  # noqa: E402
 from moe_align.modules.losses import FusedLinearGRPOLoss  # noqa: E402
 from moe_align.ops.logprobs import linear_logprobs  # noqa: E402
 
+TRL_VOCAB_CHUNK = 32768  # the vocabulary chunk of TRL 1.16's trainers (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 DEFAULTS = {  # device type -> (tokens, hidden sizes, vocabularies, dtype)
     "cuda": ([8192], [2048, 7168], [102400, 129280], "bf16"),
     "cpu": ([4096], [1024], [32000], "fp32"),
@@ -128,12 +129,11 @@ class Case:
         except ImportError:
             if self.device.type == "cuda" or self.quick:  # on the CPU it only repeats linear_logprobs' row
                 out["FusedLinearGRPOLoss"] = ours_grpo
-        try:  # TRL 1.16's fused LM head, at the vocabulary chunk its trainers use, log-probs only
-            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, _ChunkedLogProbFunction
+        try:  # TRL 1.16's fused LM head (needs only transformers), log-probs only
+            from trl.kernels import ChunkedLogProbFunction
 
             def trl_fwd_bwd():
-                logp = _ChunkedLogProbFunction.apply(h, w, None, t.clamp(min=0), 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
-                                                     None, 1.0, ())[0]
+                logp = ChunkedLogProbFunction.apply(h, w, None, t.clamp(min=0), 1.0, TRL_VOCAB_CHUNK, None, 1.0, ())[0]
                 (logp * self.valid).sum().backward()
 
             out["trl chunked"] = (None, trl_fwd_bwd)

@@ -17,6 +17,11 @@
 # The device machine gets the working tree without .git: name the commit for the tables' headers,
 #   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test-gpu
 #
+# bench_logprobs times Liger-Kernel and TRL where they are installed; the device machine has no
+# package registry, so bring their wheels (both import with torch, triton and transformers only):
+#   pip download --no-deps liger-kernel==0.8.5 trl==1.16.0 -d benchmarks/peer_wheels
+# and name benchmarks/peer_wheels in the device call's carry; every stage installs what is there.
+#
 # Every step runs under its own time limit (seconds, the STEP_LIMIT_* variables below), so one
 # that runs long leaves the others their time and its log still comes back. SESSION_SECONDS (540
 # for `short`, unset otherwise) caps the whole call: each step's limit is cut to what is left of
@@ -61,7 +66,15 @@ step() {  # step NAME LIMIT COMMAND...: run it with its log in $OUT/NAME.log, pr
   return 0
 }
 
+install_peers() {  # the carried peer wheels, without dependencies (see the header)
+  local wheels=(benchmarks/peer_wheels/*.whl)
+  [ -e "${wheels[0]}" ] || return 0
+  pip install -q --no-deps --no-index "${wheels[@]}" > "$OUT/peers.log" 2>&1 \
+    && echo "== peers installed: ${wheels[*]##*/}" || echo "== peers: install failed, see $OUT/peers.log"
+}
+
 build() {
+  install_peers
   if python3 -c "import moe_align._build_info as b, moe_align._C, sys; sys.exit(0 if b.WITH_CUDA else 1)" \
       2>/dev/null; then
     echo "== build: moe_align._C with CUDA kernels already imports"
