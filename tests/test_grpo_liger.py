@@ -1,7 +1,11 @@
-"""FusedLinearGRPOLoss against Liger-Kernel's LigerFusedLinearGRPOLoss, the fused GRPO head we
-benchmark against: from the same hidden states, lm_head, completions, advantages and old and
-reference log-probs, the loss, its gradients with respect to the hidden states and the head, and
-the KL and clip-fraction metrics must agree for each aggregation under Liger's (TRL's) name.
+"""The fused-head losses against Liger-Kernel's, the fused heads we benchmark against.
+
+FusedLinearGRPOLoss vs LigerFusedLinearGRPOLoss: from the same hidden states, lm_head,
+completions, advantages and old and reference log-probs, the loss, its gradients with respect to
+the hidden states and the head, and the KL and clip-fraction metrics must agree for each
+aggregation under Liger's (TRL's) name. FusedLinearDPOLoss vs LigerFusedLinearDPOLoss: from the
+policy's and the reference's hidden states and heads, the loss, its gradients and the sequence
+log-probs and rewards.
 
 Liger computes in float32 whatever the input dtype, as does the CPU path of ours, so the
 tolerances are float32's. Liger's uncompiled path is used: torch.compile on the CPU costs minutes
@@ -13,7 +17,7 @@ import pytest
 import torch
 from test_grpo import OURS_TO_TRL
 
-from moe_align.modules.losses import FusedLinearGRPOLoss
+from moe_align.modules.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss
 
 chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")  # a test dependency: present in CI
 
@@ -70,3 +74,37 @@ def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl):
     # Liger counts a token as clipped where the clip binds for its advantage's sign: TRL's region
     assert metrics["clip_ratio/region_mean"].item() == pytest.approx(their_clipped.item(), rel=1e-5)
     assert 0 < their_clipped.item() < 1  # the batch straddles the bounds: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_fused_dpo_loss_gradients_and_metrics_equal_ligers(beta):
+    pairs = 3
+    g = torch.Generator().manual_seed(22)
+    hidden = torch.randn(2 * pairs, LENGTH, HIDDEN, generator=g)  # chosen rows, then rejected
+    weight = torch.randn(VOCAB, HIDDEN, generator=g) * 0.3
+    ref_hidden = hidden + torch.randn(hidden.shape, generator=g) * 0.5
+    ref_weight = weight + torch.randn(weight.shape, generator=g) * 0.1
+    targets = torch.randint(0, VOCAB, (2 * pairs, LENGTH), generator=g)
+    prompt_lengths = torch.randint(0, LENGTH - 1, (2 * pairs,), generator=g)  # prompt tokens: ignored
+    targets[torch.arange(LENGTH).unsqueeze(0) < prompt_lengths.unsqueeze(1)] = -100
+
+    liger = chunked_loss.LigerFusedLinearDPOLoss(beta=beta, compiled=False, use_ref_model=True)
+    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    theirs, aux = liger(their_weight, their_hidden, targets, ref_input=ref_hidden, ref_weight=ref_weight)
+    their_chosen, their_rejected, *_, their_chosen_rewards, their_rejected_rewards = aux
+    theirs.backward()
+
+    ours_module = FusedLinearDPOLoss(beta=beta)
+    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, metrics = ours_module(our_hidden, our_weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    ours.backward()
+
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
+    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
+    for name, want in (("logps/chosen", their_chosen), ("logps/rejected", their_rejected),
+                       ("rewards/chosen", their_chosen_rewards), ("rewards/rejected", their_rejected_rewards)):
+        assert metrics[name].item() == pytest.approx(want.mean().item(), rel=1e-5), name
+    rewards_differ = their_chosen_rewards > their_rejected_rewards
+    assert metrics["rewards/accuracies"].item() == pytest.approx(rewards_differ.float().mean().item())
+    assert 0 < rewards_differ.float().mean() < 1  # pairs ranked right and wrong: the metrics are not vacuous
