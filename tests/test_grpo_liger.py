@@ -5,7 +5,8 @@ completions, advantages and old and reference log-probs, the loss, its gradients
 the hidden states and the head, and the KL and clip-fraction metrics must agree for each
 aggregation under Liger's (TRL's) name. FusedLinearDPOLoss vs LigerFusedLinearDPOLoss: from the
 policy's and the reference's hidden states and heads, the loss, its gradients and the sequence
-log-probs and rewards.
+log-probs and rewards. FusedLinearSFTLoss vs LigerFusedLinearCrossEntropyLoss (a Triton kernel:
+through the interpreter without a GPU): loss and gradients, mean and sum.
 
 Liger computes in float32 whatever the input dtype, as does the CPU path of ours, so the
 tolerances are float32's. Liger's uncompiled path is used: torch.compile on the CPU costs minutes
@@ -17,7 +18,7 @@ import pytest
 import torch
 from test_grpo import OURS_TO_TRL
 
-from moe_align.modules.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss
+from moe_align.modules.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinearSFTLoss
 
 chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")  # a test dependency: present in CI
 
@@ -108,3 +109,30 @@ def test_fused_dpo_loss_gradients_and_metrics_equal_ligers(beta):
     rewards_differ = their_chosen_rewards > their_rejected_rewards
     assert metrics["rewards/accuracies"].item() == pytest.approx(rewards_differ.float().mean().item())
     assert 0 < rewards_differ.float().mean() < 1  # pairs ranked right and wrong: the metrics are not vacuous
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_sft_loss_and_gradients_equal_ligers_fused_linear_cross_entropy(reduction):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Liger's kernel runs where Triton does
+    g = torch.Generator().manual_seed(23)
+    hidden = torch.randn(3, LENGTH, HIDDEN, generator=g).to(device)
+    weight = (torch.randn(VOCAB, HIDDEN, generator=g) * 0.3).to(device)
+    targets = torch.randint(0, VOCAB, (3, LENGTH), generator=g)
+    targets[:, :4] = -100  # the prompt
+    targets[1, 6:] = -100  # padding
+    targets = targets.to(device)
+
+    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    theirs = LigerFusedLinearCrossEntropyLoss(reduction=reduction)(their_weight, their_hidden.flatten(0, 1),
+                                                                   targets.flatten())
+    theirs.backward()
+    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, metrics = FusedLinearSFTLoss(reduction=reduction)(our_hidden, our_weight, targets)
+    ours.backward()
+
+    torch.testing.assert_close(ours, theirs, **TOL)
+    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
+    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
+    assert metrics["num_tokens"].item() == int((targets != -100).sum()) == 12
