@@ -529,12 +529,13 @@ def main(argv=None) -> int:
     providers = list(args.providers)
     skipped = []
     if "trl" in providers:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
+        try:  # the trainer and its dependencies, not only TRL's lazy package
+            import datasets  # noqa: F401
+            import trl.trainer.grpo_trainer  # noqa: F401
+        except ImportError as err:
             providers.remove("trl")
-            skipped.append("TRL not installed: skipped")
-            print("TRL not installed: skipped", file=sys.stderr)
+            skipped.append(f"TRL's GRPOTrainer not importable ({err}): skipped")
+            print(skipped[-1], file=sys.stderr)
     rows: list[dict] = []
     interleaved_shapes = []
     trl_info: set[str] = set()

@@ -18,7 +18,9 @@
 #   MOE_ALIGN_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu_session.sh test-gpu
 #
 # bench_logprobs times Liger-Kernel and TRL where they are installed; the device machine has no
-# package registry, so bring their wheels (both import with torch, triton and transformers only):
+# package registry, so bring their wheels (Liger's losses and TRL's fused head import with torch,
+# triton and transformers only; TRL's trainers need datasets and accelerate, so test_grpo_trl and
+# bench_grpo's TRL row skip there):
 #   pip download --no-deps liger-kernel==0.8.5 trl==1.16.0 -d benchmarks/peer_wheels
 # and name benchmarks/peer_wheels in the device call's carry; every stage installs what is there.
 #

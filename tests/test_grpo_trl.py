@@ -23,6 +23,10 @@ from moe_align.ops.logprobs import linear_logprobs
 
 trl = pytest.importorskip("trl")  # a test dependency: present in CI, so this runs
 transformers = pytest.importorskip("transformers")
+# TRL's package imports lazily: its trainers need datasets, accelerate and pandas too (all in CI;
+# a GPU machine given only TRL's wheel skips here instead of failing)
+pytest.importorskip("trl.trainer.grpo_trainer")
+pytest.importorskip("trl.trainer.dpo_trainer")
 
 # TRL still uses transformers' deprecated gradient-checkpointing names (the config argument, and
 # is_gradient_checkpointing in DPOTrainer's reference forward)
