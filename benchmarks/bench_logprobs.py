@@ -243,7 +243,7 @@ def add_ratios(rows: list[dict]) -> None:
         n, f = naive.get(key(r)), floor.get(key(r))
         r["x naive"] = n["ms"] / r["ms"] if n and r.get("ms") else None
         r["x floor"] = r["ms"] / f["ms"] if f and r.get("ms") else None
-        if n and n.get("extra MiB") and r.get("extra MiB") is not None:
+        if n and (n.get("extra MiB") or 0) > 0 and r.get("extra MiB") is not None:  # CPU RSS: noise at tiny sizes
             r["% naive mem"] = 100.0 * max(r["extra MiB"], 0.0) / n["extra MiB"]
 
 
