@@ -47,13 +47,15 @@ def grpo_inputs(seed=0):
 
 @pytest.mark.parametrize("mode", list(OURS_TO_TRL))
 @pytest.mark.parametrize("unbiased_kl", [False, True])  # Liger's use_bias_correction_kl
-def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl, temperature):
     hidden, weight, ids, mask, advantages, old, ref = grpo_inputs(seed=21)
     global_tokens = int(mask.sum()) + 13  # dapo: the tokens of the whole generation batch
 
     liger = chunked_loss.LigerFusedLinearGRPOLoss(
         beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-        loss_type=OURS_TO_TRL[mode], max_completion_length=MAX_COMPLETION, use_bias_correction_kl=unbiased_kl)
+        loss_type=OURS_TO_TRL[mode], max_completion_length=MAX_COMPLETION, use_bias_correction_kl=unbiased_kl,
+        temperature=temperature)
     their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     theirs, (their_kl, their_clipped) = liger(their_hidden, their_weight, ids, mask.long(), advantages,
                                               ref_per_token_logps=ref, old_per_token_logps=old,
@@ -61,7 +63,7 @@ def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl):
     theirs.backward()
 
     ours_module = FusedLinearGRPOLoss(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, loss_type=mode,
-                                      max_len=MAX_COMPLETION, unbiased_kl=unbiased_kl)
+                                      max_len=MAX_COMPLETION, unbiased_kl=unbiased_kl, temperature=temperature)
     our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ours, metrics = ours_module(our_hidden, our_weight, ids, mask, advantages, old, ref,
                                 num_global_tokens=global_tokens, world_size=1)
