@@ -191,7 +191,8 @@ def check(spills_fail: bool) -> None:
     for group in launch_groups:
         if group and not any(fits(key) for key in group):
             failures.append(f"{group[0][0]}: none of its autotune configs fits ({', '.join(k[2] for k in group)})")
-    print(f"{len(compiled)} compilations of {len({key[0] for key in compiled})} kernels for sm_90")
+    kernels = len({key[0] for key in compiled})
+    print(f"{len(compiled)} compilations of {kernels} kernels for sm_90 (Triton {triton.__version__})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ log-probs it is given and its KL term is 0.
 
 import pytest
 import torch
+from oracle_grpo import logprobs_oracle
 from test_grpo import OURS_TO_TRL
 
 from moe_align.modules.losses import FusedLinearDPOLoss, FusedLinearGRPOLoss, FusedLinearSFTLoss
@@ -38,8 +39,7 @@ def grpo_inputs(seed=0):
     lengths[1] = 0
     mask = torch.arange(LENGTH).unsqueeze(0) < lengths.unsqueeze(1)
     advantages = torch.randn(BATCH, generator=g)
-    logits = hidden.double() @ weight.double().T
-    logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+    logp = logprobs_oracle(hidden.flatten(0, 1), weight, ids.flatten())[0].view(BATCH, LENGTH).float()
     old = logp + torch.randn(BATCH, LENGTH, generator=g) * 0.3
     ref = logp + torch.randn(BATCH, LENGTH, generator=g) * 0.3
     return hidden, weight, ids, mask, advantages, old, ref
