@@ -28,6 +28,15 @@ BATCH, LENGTH, HIDDEN, VOCAB = 6, 9, 16, 1000  # V a multiple of no block size
 EPS_LOW, EPS_HIGH, BETA, MAX_COMPLETION = 0.2, 0.28, 0.04, 12
 
 
+def loss_and_gradients(loss_fn, hidden, weight):
+    """``loss_fn(hidden, weight) -> (loss, extra)`` on fresh leaf copies of both; backpropagates
+    the loss and returns ``(loss, extra, (hidden.grad, weight.grad))``."""
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, extra = loss_fn(hidden, weight)
+    loss.backward()
+    return loss, extra, (hidden.grad, weight.grad)
+
+
 def grpo_inputs(seed=0):
     """Hidden states and head, completions with an empty row, and old / reference log-probs
     spread around the policy's own so that the ratios straddle both clip bounds."""
@@ -56,23 +65,19 @@ def test_fused_grpo_loss_gradients_and_metrics_equal_ligers(mode, unbiased_kl, t
         beta=BETA, compiled=False, use_ref_model=True, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
         loss_type=OURS_TO_TRL[mode], max_completion_length=MAX_COMPLETION, use_bias_correction_kl=unbiased_kl,
         temperature=temperature)
-    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    theirs, (their_kl, their_clipped) = liger(their_hidden, their_weight, ids, mask.long(), advantages,
-                                              ref_per_token_logps=ref, old_per_token_logps=old,
-                                              num_items_in_batch=global_tokens)
-    theirs.backward()
+    theirs, (their_kl, their_clipped), their_grads = loss_and_gradients(
+        lambda h, w: liger(h, w, ids, mask.long(), advantages, ref_per_token_logps=ref, old_per_token_logps=old,
+                           num_items_in_batch=global_tokens), hidden, weight)
 
     ours_module = FusedLinearGRPOLoss(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=BETA, loss_type=mode,
                                       max_len=MAX_COMPLETION, unbiased_kl=unbiased_kl, temperature=temperature)
-    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    ours, metrics = ours_module(our_hidden, our_weight, ids, mask, advantages, old, ref,
-                                num_global_tokens=global_tokens, world_size=1)
-    ours.backward()
+    ours, metrics, our_grads = loss_and_gradients(
+        lambda h, w: ours_module(h, w, ids, mask, advantages, old, ref, num_global_tokens=global_tokens, world_size=1),
+        hidden, weight)
 
     torch.testing.assert_close(ours, theirs, **TOL)
-    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
-    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
-    assert our_weight.grad.abs().sum() > 0
+    torch.testing.assert_close(our_grads, their_grads, **TOL)  # hidden, then weight
+    assert our_grads[1].abs().sum() > 0
     assert metrics["kl"].item() == pytest.approx(their_kl.item(), rel=1e-5)
     # Liger counts a token as clipped where the clip binds for its advantage's sign: TRL's region
     assert metrics["clip_ratio/region_mean"].item() == pytest.approx(their_clipped.item(), rel=1e-5)
@@ -92,19 +97,16 @@ def test_fused_dpo_loss_gradients_and_metrics_equal_ligers(beta):
     targets[torch.arange(LENGTH).unsqueeze(0) < prompt_lengths.unsqueeze(1)] = -100
 
     liger = chunked_loss.LigerFusedLinearDPOLoss(beta=beta, compiled=False, use_ref_model=True)
-    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    theirs, aux = liger(their_weight, their_hidden, targets, ref_input=ref_hidden, ref_weight=ref_weight)
+    theirs, aux, their_grads = loss_and_gradients(
+        lambda h, w: liger(w, h, targets, ref_input=ref_hidden, ref_weight=ref_weight), hidden, weight)
     their_chosen, their_rejected, *_, their_chosen_rewards, their_rejected_rewards = aux
-    theirs.backward()
 
     ours_module = FusedLinearDPOLoss(beta=beta)
-    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    ours, metrics = ours_module(our_hidden, our_weight, targets, ref_hidden=ref_hidden, ref_weight=ref_weight)
-    ours.backward()
+    ours, metrics, our_grads = loss_and_gradients(
+        lambda h, w: ours_module(h, w, targets, ref_hidden=ref_hidden, ref_weight=ref_weight), hidden, weight)
 
     torch.testing.assert_close(ours, theirs, **TOL)
-    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
-    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
+    torch.testing.assert_close(our_grads, their_grads, **TOL)  # hidden, then weight
     for name, want in (("logps/chosen", their_chosen), ("logps/rejected", their_rejected),
                        ("rewards/chosen", their_chosen_rewards), ("rewards/rejected", their_rejected_rewards)):
         assert metrics[name].item() == pytest.approx(want.mean().item(), rel=1e-5), name
@@ -126,15 +128,12 @@ def test_fused_sft_loss_and_gradients_equal_ligers_fused_linear_cross_entropy(re
     targets[1, 6:] = -100  # padding
     targets = targets.to(device)
 
-    their_hidden, their_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    theirs = LigerFusedLinearCrossEntropyLoss(reduction=reduction)(their_weight, their_hidden.flatten(0, 1),
-                                                                   targets.flatten())
-    theirs.backward()
-    our_hidden, our_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    ours, metrics = FusedLinearSFTLoss(reduction=reduction)(our_hidden, our_weight, targets)
-    ours.backward()
+    liger = LigerFusedLinearCrossEntropyLoss(reduction=reduction)
+    theirs, _, their_grads = loss_and_gradients(
+        lambda h, w: (liger(w, h.flatten(0, 1), targets.flatten()), None), hidden, weight)
+    ours_module = FusedLinearSFTLoss(reduction=reduction)
+    ours, metrics, our_grads = loss_and_gradients(lambda h, w: ours_module(h, w, targets), hidden, weight)
 
     torch.testing.assert_close(ours, theirs, **TOL)
-    torch.testing.assert_close(our_hidden.grad, their_hidden.grad, **TOL)
-    torch.testing.assert_close(our_weight.grad, their_weight.grad, **TOL)
+    torch.testing.assert_close(our_grads, their_grads, **TOL)  # hidden, then weight
     assert metrics["num_tokens"].item() == int((targets != -100).sum()) == 12
