@@ -199,6 +199,52 @@ def test_empty_batch_and_no_tokens():
     assert loss == 0 and metrics["num_tokens"] == 0 and math.isnan(metrics["ratio/max"])
     loss, _ = grpo_loss(logp[:0], adv[:0], mask[:0], old[:0], ref[:0])
     assert loss == 0
+    # Completions of length 0 (T = 0), with and without the entropy metric, op and module.
+    for entropy in (None, logp[:, :0]):
+        x = logp[:, :0].clone().requires_grad_()
+        loss, metrics = grpo_loss(x, adv, mask[:, :0], old[:, :0], ref[:, :0], entropy=entropy)
+        loss.backward()
+        assert loss == 0 and metrics["num_tokens"] == 0 and x.grad.shape == (6, 0)
+    loss, _ = FusedLinearGRPOLoss()(torch.randn(2, 0, 8), torch.randn(10, 8), torch.zeros(2, 0, dtype=torch.long),
+                                    torch.zeros(2, 0), torch.randn(2), ref_logp=torch.zeros(2, 0))
+    assert loss == 0
+
+
+def test_token_weights_weight_the_loss_and_every_metric():
+    """A float completion_mask of non-negative weights: the loss of eq. 32 and each token-mean
+    metric are weighted means (tokens of weight 0 are left out, as padding)."""
+    logp, old, ref, _, adv, mask = make_batch(seed=13, spread=0.5)
+    weights = mask * torch.rand(mask.shape, generator=torch.Generator().manual_seed(14))
+    weights[0, 0] = 0.0
+    entropy = torch.rand_like(logp) * 5
+    for mode in MODES:
+        loss, metrics = grpo_loss(logp, adv, weights, old, ref, eps_low=0.2, eps_high=0.25, loss_type=mode,
+                                  entropy=entropy, **agg_kwargs(mode, mask))
+        want = oracle_loss(logp.double(), old.double(), ref.double(), adv.double(), weights.double(), mode,
+                           eps_high=0.25, **agg_kwargs(mode, mask))
+        torch.testing.assert_close(loss.double(), want, **TOL)
+    w, m = weights.double(), weights > 0
+    ratio = torch.exp(logp.double() - old.double())
+    a = adv.double().unsqueeze(1).expand_as(ratio)
+    kl = torch.exp(ref.double() - logp.double()) - (ref.double() - logp.double()) - 1
+
+    def weighted_mean(x):
+        return (x * w).sum() / w.sum()
+
+    want = {
+        "kl": weighted_mean(kl),
+        "clip_ratio/low_mean": weighted_mean(((ratio < 0.8) & (a < 0)).double()),
+        "clip_ratio/high_mean": weighted_mean(((ratio > 1.25) & (a > 0)).double()),
+        "ratio/mean": weighted_mean(ratio),
+        "ratio/min": ratio[m].min(),
+        "ratio/max": ratio[m].max(),
+        "entropy": weighted_mean(entropy.double()),
+        "num_tokens": w.sum(),
+    }
+    want["clip_ratio/region_mean"] = want["clip_ratio/low_mean"] + want["clip_ratio/high_mean"]
+    assert want["clip_ratio/low_mean"] > 0 and want["clip_ratio/high_mean"] > 0
+    for name, value in want.items():
+        torch.testing.assert_close(metrics[name].double(), value, **TOL, msg=name)
 
 
 @pytest.mark.parametrize("scale", [True, False])
@@ -421,6 +467,29 @@ def _grpo(**overrides):
         (lambda: _grpo(old_logp=torch.zeros(6, 8)), ValueError, "old_logp must have shape"),
         (lambda: _grpo(ref_logp=torch.zeros(6, 9, dtype=torch.long)), TypeError, "ref_logp must be a floating"),
         (lambda: _grpo(logp=torch.zeros(6)), ValueError, r"logp must be a floating-point \[B, T\]"),
+        (lambda: _grpo(logp=torch.zeros(6, 9, dtype=torch.long)), TypeError, "logp must be a floating-point"),
+        (lambda: _grpo(completion_mask=-torch.ones(6, 9)), ValueError, "completion_mask must be >= 0"),
+        (lambda: _grpo(completion_mask=torch.full((6, 9), math.nan)), ValueError, "completion_mask must be >= 0"),
+        (lambda: _grpo(completion_mask=torch.ones(6, 9, dtype=torch.complex64)), TypeError,
+         "completion_mask must be a bool, integer or real"),
+        (lambda: _grpo(loss_type="global-token-mean", num_global_tokens=torch.tensor([3.0, 4.0])), ValueError,
+         "num_global_tokens must be a number or a one-element"),
+        (lambda: _grpo(loss_type="global-token-mean", num_global_tokens=math.nan), ValueError, "num_global_tokens"),
+        (lambda: _grpo(loss_type="global-token-mean", num_global_tokens=-5), ValueError, "num_global_tokens"),
+        (lambda: _grpo(loss_type="global-token-mean", num_global_tokens="12"), TypeError, "num_global_tokens"),
+        (lambda: sft_loss(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long),
+                          num_tokens=torch.ones(2)), ValueError, "num_tokens must be a number"),
+        (lambda: sft_loss(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long),
+                          num_tokens=6, reduction="sum"), ValueError, "num_tokens divides the 'mean' reduction"),
+        (lambda: sft_loss(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long),
+                          temperature="a"), TypeError, "temperature must be a number"),
+        (lambda: group_advantages(torch.zeros(8), 4, eps=0.0), ValueError, "eps"),
+        (lambda: FusedLinearGRPOLoss(loss_type="dapo"), ValueError, "loss_type='dapo' must be one of"),
+        (lambda: FusedLinearSFTLoss(reduction="none"), ValueError, "reduction='none' must be"),
+        (lambda: FusedLinearGRPOLoss()(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long),
+                                       torch.ones(3), torch.zeros(3)), ValueError, r"hidden must be a \[B, T, H\]"),
+        (lambda: FusedLinearDPOLoss()(torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.long),
+                                      torch.zeros(2), torch.zeros(2)), ValueError, r"hidden must be \[2B, T, H\]"),
         (lambda: _grpo(loss_type="dapo"), ValueError, "loss_type"),
         (lambda: _grpo(loss_type="global-token-mean"), ValueError, "num_global_tokens"),
         (lambda: _grpo(eps_low=-0.1), ValueError, "eps_low"),
@@ -461,6 +530,8 @@ def test_bad_input(call, error, match):
 def test_cuda_kernel_matches_oracle(backend, mode, unbiased_kl):
     backend("cuda")
     logp, old, ref, sampler, adv, mask = make_batch(batch=33, length=517, seed=30)
+    # Token weights (the metrics are weighted means): exercises the kernel's use of the mask value.
+    mask = mask * (0.25 + torch.rand(mask.shape, generator=torch.Generator().manual_seed(32)))
     cuda = [t.cuda() for t in (logp, old, ref, sampler, adv, mask)]
     x = cuda[0].clone().requires_grad_()
     entropy = cuda[0].abs()

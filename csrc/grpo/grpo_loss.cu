@@ -78,8 +78,8 @@ __global__ void __launch_bounds__(kFwdThreads)
     acc[kGrpoLossSum] += x.loss * m;
     acc[kGrpoTokens] += m;
     acc[kGrpoKlSum] += x.kl * m;
-    acc[kGrpoClipLow] += (x.ratio < 1.0f - eps_low && adv < 0.0f) ? 1.0f : 0.0f;
-    acc[kGrpoClipHigh] += (x.ratio > 1.0f + eps_high && adv > 0.0f) ? 1.0f : 0.0f;
+    acc[kGrpoClipLow] += (x.ratio < 1.0f - eps_low && adv < 0.0f) ? m : 0.0f;
+    acc[kGrpoClipHigh] += (x.ratio > 1.0f + eps_high && adv > 0.0f) ? m : 0.0f;
     acc[kGrpoRatioSum] += x.ratio * m;
     acc[kGrpoRatioMin] = fminf(acc[kGrpoRatioMin], x.ratio);
     acc[kGrpoRatioMax] = fmaxf(acc[kGrpoRatioMax], x.ratio);

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_align.ops.grpo import dpo_loss, grpo_loss, sft_loss
+from moe_align.ops.grpo import LOSS_AGGREGATIONS, dpo_loss, grpo_loss, sft_loss
 from moe_align.ops.logprobs import linear_logprobs
 
 __all__ = ["FusedLinearDPOLoss", "FusedLinearGRPOLoss", "FusedLinearSFTLoss"]
@@ -52,6 +52,8 @@ class FusedLinearGRPOLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if loss_type not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_type={loss_type!r} must be one of {LOSS_AGGREGATIONS}")
         self.eps_low, self.eps_high, self.beta, self.unbiased_kl = eps_low, eps_high, beta, unbiased_kl
         self.loss_type, self.temperature, self.max_len, self.tis_cap = loss_type, temperature, max_len, tis_cap
         self.compute_entropy, self.fp32_head, self.chunk_size = compute_entropy, fp32_head, chunk_size
@@ -84,6 +86,8 @@ class FusedLinearGRPOLoss(nn.Module):
         Returns:
             ``(loss, metrics)`` as :func:`~moe_align.ops.grpo.grpo_loss`.
         """
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"hidden must be a [B, T, H] tensor, got {tuple(getattr(hidden, 'shape', ()))}")
         _check_tokens("completion_ids", completion_ids, hidden)
         _check_tokens("completion_mask", completion_mask, hidden)
         targets = completion_ids.masked_fill(completion_mask == 0, _SKIP)
@@ -113,6 +117,8 @@ class FusedLinearSFTLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
         self.ignore_index, self.reduction, self.temperature = ignore_index, reduction, temperature
         self.fp32_head, self.chunk_size = fp32_head, chunk_size
 
@@ -186,8 +192,10 @@ class FusedLinearDPOLoss(nn.Module):
             ``(loss, metrics)``: :func:`~moe_align.ops.grpo.dpo_loss`'s metrics plus
             ``"logps/chosen"`` and ``"logps/rejected"`` (means of the policy's sums).
         """
-        if hidden.dim() < 2 or hidden.shape[0] % 2:
-            raise ValueError(f"hidden must stack 2B sequences (chosen, then rejected), got {tuple(hidden.shape)}")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] % 2:
+            raise ValueError(
+                f"hidden must be [2B, T, H], 2B sequences (chosen, then rejected), got {tuple(getattr(hidden, 'shape', ()))}"
+            )
         _check_tokens("targets", targets, hidden)
         half = hidden.shape[0] // 2
         logps = self.sequence_logps(hidden, weight, targets)

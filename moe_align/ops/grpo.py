@@ -75,19 +75,19 @@ def grpo_sequence_stats_torch(
     def masked_sum(x: torch.Tensor) -> torch.Tensor:
         return torch.where(valid, x * mask, 0.0).sum(1)
 
-    low = (ratio < 1 - eps_low) & (adv < 0) & valid
-    high = (ratio > 1 + eps_high) & (adv > 0) & valid
+    low = (ratio < 1 - eps_low) & (adv < 0)
+    high = (ratio > 1 + eps_high) & (adv > 0)
     inf = torch.full_like(ratio, math.inf)
     columns = [
         masked_sum(per_token),
         mask.sum(1),
         masked_sum(kl),
-        low.float().sum(1),
-        high.float().sum(1),
+        masked_sum(low.float()),
+        masked_sum(high.float()),
         masked_sum(ratio),
         torch.where(valid, ratio, inf).amin(1) if logp.shape[1] else inf.new_full((logp.shape[0],), math.inf),
         torch.where(valid, ratio, -inf).amax(1) if logp.shape[1] else inf.new_full((logp.shape[0],), -math.inf),
-        masked_sum(entropy) if entropy is not None else torch.zeros_like(mask[:, 0]),
+        masked_sum(entropy) if entropy is not None else mask.new_zeros(mask.shape[0]),
     ]
     return torch.stack(columns, dim=1)
 
@@ -162,6 +162,9 @@ def _grpo_sequence_stats(
     tis_cap: float,
     unbiased_kl: bool,
 ) -> torch.Tensor:
+    # Runs inside the op (a data-dependent check would break torch.compile's graph outside it).
+    if not bool((mask >= 0).all()):
+        raise ValueError("completion_mask must be >= 0 everywhere (a 0/1 mask or non-negative token weights)")
     args = (logp, old_logp, ref_logp, sampler_logp, advantages, mask, entropy, eps_low, eps_high, beta, tis_cap,
             unbiased_kl)
     if _grpo_backend(logp.device) == "cuda":
@@ -245,6 +248,17 @@ def _check_number(name: str, value, low: float = 0.0, high: float = math.inf, lo
     return value
 
 
+def _token_count(name: str, value, device: torch.device) -> torch.Tensor | float:
+    """A loss denominator given by the caller (a token count over ranks / accumulation steps):
+    a number >= 0 or a one-element real tensor, floored at 1 (a count of 0 means that no rank has
+    a token, so the loss sum is 0 too). A tensor's value is not inspected: that would synchronise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got {value.dtype} {tuple(value.shape)}")
+        return value.reshape(()).to(device=device, dtype=torch.float32).clamp(min=1)
+    return max(_check_number(name, value), 1.0)
+
+
 # ---- GRPO -------------------------------------------------------------------------------------------
 
 
@@ -304,7 +318,8 @@ def grpo_loss(
         logp: ``[B, T]`` log-probs of the completion tokens under the policy (differentiable,
             e.g. from :func:`linear_logprobs`).
         advantages: ``[B]`` per-output advantages (:func:`group_advantages`).
-        completion_mask: ``[B, T]`` bool or float, 1 on the completion tokens.
+        completion_mask: ``[B, T]`` bool, integer or float, 1 on the completion tokens (or
+            non-negative token weights); a negative or NaN entry is an error.
         old_logp: ``[B, T]`` under the sampling policy pi_old; None = on-policy (``logp.detach()``,
             so the ratio is exactly 1 and only its gradient remains).
         ref_logp: ``[B, T]`` under the reference policy; required when ``beta > 0``.
@@ -312,7 +327,8 @@ def grpo_loss(
             ``eps_low``.
         beta: weight of the KL term.
         loss_type: one of ``"sequence-mean"``, ``"token-mean"``, ``"global-token-mean"``, ``"dr-grpo"``.
-        num_global_tokens, world_size: for ``"global-token-mean"``.
+        num_global_tokens, world_size: for ``"global-token-mean"``: the completion tokens over
+            all ranks (a number >= 0 or a one-element tensor, floored at 1) and the ranks.
         max_len: for ``"dr-grpo"`` (TRL's ``max_completion_length``); default T.
         sampler_logp: ``[B, T]`` log-probs from the sampling engine (e.g. vLLM); when given, the
             policy term is weighted by the truncated importance ratio ``w`` (TRL's
@@ -324,7 +340,8 @@ def grpo_loss(
 
     Returns:
         ``(loss, metrics)``: a float32 scalar, differentiable with respect to ``logp``, and
-        detached float32 scalars (token means over this batch's completion tokens): ``"kl"``,
+        detached float32 scalars (token means over this batch's completion tokens, weighted by
+        ``completion_mask``): ``"kl"``,
         ``"clip_ratio/low_mean"`` (``r < 1 - eps_low`` and ``A < 0``), ``"clip_ratio/high_mean"``
         (``r > 1 + eps_high`` and ``A > 0``), ``"clip_ratio/region_mean"``, ``"ratio/mean"``,
         ``"ratio/min"``, ``"ratio/max"`` (NaN without tokens), ``"num_tokens"`` and, when
@@ -332,8 +349,10 @@ def grpo_loss(
 
     Backends: the fused CUDA kernels (``csrc/grpo``) on CUDA tensors, the PyTorch path otherwise.
     """
-    if not isinstance(logp, torch.Tensor) or not logp.is_floating_point() or logp.dim() != 2:
-        raise ValueError(f"logp must be a floating-point [B, T] tensor, got {getattr(logp, 'shape', type(logp))}")
+    if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
+        raise TypeError(f"logp must be a floating-point [B, T] tensor, got {getattr(logp, 'dtype', type(logp).__name__)}")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be a floating-point [B, T] tensor, got shape {tuple(logp.shape)}")
     shape, device = tuple(logp.shape), logp.device
     logp = logp.float().contiguous()
     if not isinstance(completion_mask, torch.Tensor) or tuple(completion_mask.shape) != shape:
@@ -342,6 +361,8 @@ def grpo_loss(
         )
     if completion_mask.device != device:
         raise ValueError(f"completion_mask is on {completion_mask.device}, expected {device}")
+    if completion_mask.is_complex():
+        raise TypeError(f"completion_mask must be a bool, integer or real floating-point tensor, got {completion_mask.dtype}")
     mask = completion_mask.to(torch.float32).contiguous()
     advantages = _check_float("advantages", advantages, (shape[0],), device)
     old = logp.detach() if old_logp is None else _check_float("old_logp", old_logp, shape, device).detach()
@@ -372,11 +393,7 @@ def grpo_loss(
             raise ValueError("num_global_tokens (completion tokens over all ranks) is required for 'global-token-mean'")
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if isinstance(num_global_tokens, torch.Tensor):
-            total = num_global_tokens.to(device=device, dtype=torch.float32).clamp(min=1)
-        else:
-            total = max(float(num_global_tokens), 1.0)
-        loss = loss_sum.sum() * world_size / total
+        loss = loss_sum.sum() * world_size / _token_count("num_global_tokens", num_global_tokens, device)
     else:
         length = shape[1] if max_len is None else max_len
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -428,7 +445,8 @@ def group_advantages(
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"group_size={group_size} does not divide the {rewards.shape[0]} rewards")
-    eps = _check_number("eps", eps)
+    # With scale, eps > 0 keeps a group of equal rewards (std 0) at advantage 0 instead of 0 / 0.
+    eps = _check_number("eps", eps, 0.0, low_open=scale)
     grouped = rewards.float().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
@@ -497,6 +515,8 @@ def sft_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
+    if reduction == "sum" and num_tokens is not None:
+        raise ValueError("num_tokens divides the 'mean' reduction; it cannot be given with reduction='sum'")
     logp = linear_logprobs(hidden, weight, targets, temperature=temperature, ignore_index=ignore_index,
                            fp32_head=fp32_head, chunk_size=chunk_size)
     total = -logp.sum()
@@ -504,9 +524,7 @@ def sft_loss(
         return total
     if num_tokens is None:
         return total / (targets != ignore_index).sum().clamp(min=1)
-    if isinstance(num_tokens, torch.Tensor):
-        return total / num_tokens.to(device=total.device, dtype=torch.float32).clamp(min=1)
-    return total / max(float(num_tokens), 1.0)
+    return total / _token_count("num_tokens", num_tokens, total.device)
 
 
 def dpo_loss(

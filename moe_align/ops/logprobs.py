@@ -9,6 +9,7 @@ The policy-gradient step of GRPO, SFT's cross-entropy and DPO's sequence log-pro
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -338,6 +339,8 @@ def linear_logprobs(
             f"hidden ({hidden.device}), weight ({weight.device}) and targets ({targets.device}) "
             "must be on one device"
         )
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
