@@ -52,15 +52,15 @@ def check_decode(lengths, s_q, page, dtype, plan_kwargs=None, heads=2, d_lat=32,
                                                         seed, device)
     scale = 0.3
     plan = None if plan_kwargs is None else mla_decode_plan(seqlens, heads, s_q, **plan_kwargs)
-    before = [t.clone() for t in (q_latent, q_rope, table, seqlens)]
+    before = [t.clone() for t in (q_latent, q_rope, cache, table, seqlens)]
     out, lse = mla_decode(q_latent, q_rope, cache, table, seqlens, scale, plan)
     assert out.dtype == dtype and out.shape == q_latent.shape
     assert lse.dtype == torch.float32 and lse.shape == q_latent.shape[:3]
     ref_out, ref_lse = oracle(q_latent.cpu(), q_rope.cpu(), cache.cpu(), table.cpu(), seqlens.cpu(), scale)
     torch.testing.assert_close(out.cpu().double(), ref_out, **TOL[dtype])
     torch.testing.assert_close(lse.cpu().double(), ref_lse, **TOL[dtype])
-    for t, b in zip((q_latent, q_rope, table, seqlens), before):
-        assert torch.equal(t, b)
+    for t, b in zip((q_latent, q_rope, cache, table, seqlens), before):
+        assert torch.equal(t.nan_to_num(7.0), b.nan_to_num(7.0))  # unused cache rows hold NaN
     return out, lse
 
 
@@ -267,6 +267,11 @@ def _set(t, index, value):
         (dict(cache_seqlens=torch.tensor([9, 20, 3], dtype=torch.int32)), ValueError, "one row per sequence"),
         (dict(plan=mla_decode_plan(torch.tensor([1, 2, 3], dtype=torch.int32), 2)), ValueError,
          "plan was not made for a batch of 2"),
+        (dict(q_latent=torch.randn(2, 0, 2, 32), q_rope=torch.randn(2, 0, 2, 16)), ValueError,
+         "q_latent must hold s_q >= 1 new tokens of >= 1 heads"),
+        (dict(q_latent=torch.randn(2, 1, 0, 32), q_rope=torch.randn(2, 1, 0, 16)), ValueError,
+         "q_latent must hold s_q >= 1"),
+        (dict(kv_cache=torch.zeros(4, 0, 48)), ValueError, "kv_cache must have a block size >= 1"),
     ],
 )
 def test_bad_decode_input(change, error, match):

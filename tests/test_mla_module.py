@@ -302,6 +302,19 @@ def test_bf16_decode_equals_full_forward():
     torch.testing.assert_close(decoded, full, **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("module_dtype,cache_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_decode_through_a_cache_of_another_dtype_equals_the_full_forward(module_dtype, cache_dtype):
+    """Outside autocast the cache's dtype sets the decode's precision, the module's the rest."""
+    module = make_module("v3_yarn", seed=10, dtype=module_dtype)
+    hidden = torch.randn(2, 10, HIDDEN).to(module_dtype)
+    with torch.no_grad():
+        full = module(hidden)
+    cache = MLACache.for_config(module.config, num_layers=1, num_blocks=4, block_size=8, dtype=cache_dtype)
+    decoded = decode_in_steps(module, cache, [cache.add_sequence(), cache.add_sequence()], hidden, [4, 1, 5])
+    assert decoded.dtype == module_dtype
+    torch.testing.assert_close(decoded, full, **TOL[torch.bfloat16])
+
+
 def test_autocast_decode_of_fp32_weights_in_a_bf16_cache_equals_the_full_forward():
     """A bf16 rollout of an fp32 model (a GPU trainer's autocast): decode steps under autocast,
     through a bf16 cache, agree with the full forward under autocast to bf16 tolerance."""

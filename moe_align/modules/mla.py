@@ -543,6 +543,7 @@ class MLAttention(nn.Module):
             q_rope.reshape(batch, s_q, heads, -1).to(dtype),
             kv_cache, step.block_table, step.cache_seqlens, self.softmax_scale, step.plan, validate=False,
         )
-        out = torch.bmm(out_latent.reshape(batch * s_q, heads, -1).transpose(0, 1), w_uv_t)  # [H, N, D_v]
+        out_latent = out_latent.reshape(batch * s_q, heads, -1).to(w_uv_t.dtype)  # back from the cache's dtype
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv_t)  # [H, N, D_v]
         out = out.transpose(0, 1).reshape(batch, s_q, heads * self.v_head_dim)
         return self.o_proj(out)

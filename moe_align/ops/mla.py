@@ -370,7 +370,9 @@ def mla_varlen_attention(
             )
         if lengths and max(lengths) > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({max(lengths)} tokens)")
-    return _mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens, max_seqlen, float(softmax_scale))
+    # The kernels read the offsets as a dense int32 array.
+    return _mla_varlen_attention(q_nope, q_rope, k_nope, k_rope, v, cu_seqlens.contiguous(), max_seqlen,
+                                 float(softmax_scale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +583,8 @@ def _check_cache(kv_cache, d_lat: int, d_rope: int) -> None:
         )
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache must have a unit stride along its last dimension")
+    if kv_cache.shape[1] < 1:
+        raise ValueError(f"kv_cache must have a block size >= 1, got kv_cache of shape {tuple(kv_cache.shape)}")
 
 
 def mla_decode(
@@ -639,6 +643,8 @@ def mla_decode(
     _check_float("q_rope", q_rope, 4)
     batch, s_q, num_heads, d_lat = q_latent.shape
     d_rope = q_rope.shape[-1]
+    if s_q < 1 or num_heads < 1:
+        raise ValueError(f"q_latent must hold s_q >= 1 new tokens of >= 1 heads, got shape {tuple(q_latent.shape)}")
     if q_rope.shape[:3] != (batch, s_q, num_heads):
         raise ValueError(
             f"q_rope must be [{batch}, {s_q}, {num_heads}, D_rope] like q_latent, got {tuple(q_rope.shape)}"
